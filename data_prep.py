@@ -1,0 +1,351 @@
+"""
+Download and process the benchmark datasets into bimi's format.
+
+    python data_prep.py beauty|sports|toys|yelp|synthetic [--out data] [--raw-dir DIR]
+
+Writes <out>/<dataset>/sequences.txt (one line per user: `user_id item_id item_id ...`, oldest
+first, ids from 1) and items.jsonl (`{"item_id", "asin", "title", "categories"}` per item).
+Amazon 2014 5-core files are downloaded with requests; Yelp must be fetched by hand (its licence
+needs a click-through); `synthetic` is generated offline with planted topics for the demo and tests.
+"""
+import argparse
+import ast
+import gzip
+import html
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import zlib
+
+import requests
+
+AMAZON = {"beauty": "Beauty", "sports": "Sports_and_Outdoors", "toys": "Toys_and_Games"}
+# The 2014 release (McAuley et al.), tried in order; the first that answers with the file wins.
+MIRRORS = [
+    "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/",
+    "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/",
+]
+KNOWN_SIZES = {  # users, items, interactions (METHOD.md section 2)
+    "beauty": (22363, 12101, 198502), "sports": (35598, 18357, 296337),
+    "toys": (19412, 11924, 167597), "yelp": (30431, 20033, 316354),
+}
+YELP_FILES = ("yelp_academic_dataset_review.json", "yelp_academic_dataset_business.json")
+YELP_SINCE = "2019-01-01"
+CORE = 5  # every user and every item keeps at least this many interactions
+
+
+class PrepError(Exception):
+    """Bad input: the message names the file, the line and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# download
+
+def download(url_names, dest):
+    """Fetch one file to `dest`, trying each mirror; a complete earlier download is reused."""
+    if os.path.exists(dest):
+        print(f"reusing {dest}")
+        return dest
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    errors = []
+    for url in url_names:
+        part = dest + ".part"  # never the final name until the last byte is on disk
+        try:
+            with requests.get(url, stream=True, timeout=60) as r:
+                r.raise_for_status()
+                total = int(r.headers.get("Content-Length", 0))
+                done, t0, last = 0, time.time(), 0.0
+                with open(part, "wb") as f:
+                    for chunk in r.iter_content(1 << 20):
+                        f.write(chunk)
+                        done += len(chunk)
+                        if time.time() - last > 1:
+                            last = time.time()
+                            rate = done / max(last - t0, 1e-9) / 1e6
+                            of = f" of {total / 1e6:.1f}" if total else ""
+                            print(f"\r  {os.path.basename(dest)}: {done / 1e6:.1f}{of} MB, {rate:.1f} MB/s",
+                                  end="", flush=True)
+                if total and done != total:
+                    raise IOError(f"connection closed after {done} of {total} bytes")
+            print(f"\r  {os.path.basename(dest)}: {done / 1e6:.1f} MB in {time.time() - t0:.0f} s" + " " * 20)
+            os.replace(part, dest)
+            return dest
+        except (requests.RequestException, IOError) as e:
+            errors.append(f"{url}: {e}")
+            if os.path.exists(part):
+                os.remove(part)
+    raise PrepError("could not download " + os.path.basename(dest) + ":\n  " + "\n  ".join(errors) +
+                    f"\nfetch it by hand into a folder and pass --raw-dir FOLDER")
+
+
+# -----------------------------------------------------------------------------
+# raw parsers
+
+def read_lines(path, parse):
+    """Yield (line_no, record) from a (gzipped) file of one record per line, with clear errors."""
+    opener = gzip.open if path.endswith(".gz") else open
+    line_no = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, parse(line)
+                except (ValueError, SyntaxError) as e:
+                    raise PrepError(f"{path}:{line_no}: malformed record ({type(e).__name__}: {e}); "
+                                    "the file is damaged: delete it and download it again") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise PrepError(f"{path}: truncated or corrupt gzip after line {line_no} ({e}); "
+                        "delete it and run again to download a fresh copy") from None
+
+
+def parse_meta_line(line):
+    """2014 meta lines are Python dict literals (single quotes), not JSON: never eval them."""
+    record = ast.literal_eval(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a dict literal")
+    return record
+
+
+def read_amazon_reviews(path):
+    """(user, item, time, line_no) per review of a 2014 `reviews_*_5.json.gz` file."""
+    rows = []
+    for line_no, r in read_lines(path, json.loads):
+        try:
+            rows.append((r["reviewerID"], r["asin"], int(r["unixReviewTime"]), line_no))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PrepError(f"{path}:{line_no}: review lacks reviewerID/asin/unixReviewTime ({e}); "
+                            "is this a 2014 reviews_*_5.json.gz file?") from None
+    return rows
+
+
+def read_amazon_meta(path, wanted):
+    """asin -> (title, category paths) for the asins in `wanted`; HTML entities decoded."""
+    meta = {}
+    for _, m in read_lines(path, parse_meta_line):
+        asin = m.get("asin")
+        if asin in wanted:
+            cats = [[html.unescape(c) for c in p] for p in m.get("categories", []) if p]
+            meta[asin] = (html.unescape(m.get("title", "") or "").strip(), cats)
+    return meta
+
+
+def read_yelp(raw_dir):
+    review_path, business_path = (os.path.join(raw_dir, f) for f in YELP_FILES)
+    rows = []
+    for line_no, r in read_lines(review_path, json.loads):
+        try:
+            if r["date"] >= YELP_SINCE:  # ISO dates compare as strings
+                rows.append((r["user_id"], r["business_id"], r["date"], line_no))
+        except (KeyError, TypeError) as e:
+            raise PrepError(f"{review_path}:{line_no}: review lacks user_id/business_id/date ({e})") from None
+    wanted = {r[1] for r in rows}
+    meta = {}
+    for _, b in read_lines(business_path, json.loads):
+        if b.get("business_id") in wanted:
+            cats = [c.strip() for c in (b.get("categories") or "").split(",") if c.strip()]
+            meta[b["business_id"]] = (html.unescape(b.get("name") or "").strip(), [[c] for c in cats])
+    return rows, meta
+
+
+# -----------------------------------------------------------------------------
+# processing
+
+def k_core(rows, k=CORE):
+    """Iteratively drop users and items with fewer than k interactions until none is left."""
+    while True:
+        n_user, n_item = {}, {}
+        for u, i, _, _ in rows:
+            n_user[u] = n_user.get(u, 0) + 1
+            n_item[i] = n_item.get(i, 0) + 1
+        kept = [r for r in rows if n_user[r[0]] >= k and n_item[r[1]] >= k]
+        if len(kept) == len(rows):
+            return kept
+        rows = kept
+
+
+def build(rows, meta, source):
+    """Dedupe, k-core, sort each user by time (stable), number users then items by first appearance."""
+    seen, unique = set(), []
+    for r in rows:  # a user reviewing the same item twice keeps the first review
+        if (r[0], r[1]) not in seen:
+            seen.add((r[0], r[1]))
+            unique.append(r)
+    rows = k_core(unique)
+    if not rows:
+        raise PrepError(f"{source}: nothing is left after the {CORE}-core filter; "
+                        "is this the right (complete) file?")
+    by_user = {}
+    for u, i, t, line_no in rows:
+        by_user.setdefault(u, []).append((t, i, line_no))
+    item_id, sequences, items = {}, [], []
+    for events in by_user.values():
+        events.sort(key=lambda e: e[0])  # stable: equal times keep file order
+        for _, i, line_no in events:
+            if i not in item_id:
+                if i not in meta:
+                    raise PrepError(f"{source}:{line_no}: item {i} has no metadata; "
+                                    "the meta file is incomplete or from another release")
+                item_id[i] = len(item_id) + 1
+                title, cats = meta[i]
+                items.append({"item_id": item_id[i], "asin": i, "title": title, "categories": cats})
+        sequences.append([item_id[i] for _, i, _ in events])
+    return sequences, items
+
+
+def write_dataset(out_dir, sequences, items):
+    """Both files appear together or not at all (temp files + rename)."""
+    os.makedirs(out_dir, exist_ok=True)
+    texts = {
+        "sequences.txt": "".join(f"{u} " + " ".join(map(str, s)) + "\n" for u, s in enumerate(sequences, 1)),
+        "items.jsonl": "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items),
+    }
+    temps = {}
+    for name, text in texts.items():
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        temps[name] = tmp
+    for name, tmp in temps.items():
+        os.replace(tmp, os.path.join(out_dir, name))
+
+
+def summary(name, sequences, items):
+    lengths = sorted(len(s) for s in sequences)
+    n_inter = sum(lengths)
+    untitled = sum(1 for it in items if not it["title"])
+    print(f"{name}: {len(sequences):,} users, {len(items):,} items, {n_inter:,} interactions; "
+          f"length min {lengths[0]} / mean {n_inter / len(lengths):.2f} / median {lengths[len(lengths) // 2]}"
+          f" / max {lengths[-1]}; {untitled} untitled items")
+    known = KNOWN_SIZES.get(name)
+    if known and known != (len(sequences), len(items), n_inter):
+        print(f"WARNING: the benchmark's known size is {known[0]:,} users, {known[1]:,} items, "
+              f"{known[2]:,} interactions; these files differ, so results are not comparable with papers")
+
+
+# -----------------------------------------------------------------------------
+# synthetic: planted topics with real-looking text, the offline demo and the test fixture
+
+TOPICS = [  # (category path, title nouns)
+    (["Beauty", "Makeup", "Nails", "Nail Polish"], ["Nail Lacquer", "Gel Polish", "Top Coat", "Nail Enamel"]),
+    (["Beauty", "Makeup", "Eyes", "Mascara"], ["Volume Mascara", "Lash Primer", "Waterproof Mascara", "Lash Serum"]),
+    (["Beauty", "Makeup", "Lips", "Lipstick"], ["Matte Lipstick", "Lip Crayon", "Liquid Lipstick", "Lip Tint"]),
+    (["Beauty", "Skin Care", "Face", "Moisturizers"], ["Day Cream", "Night Cream", "Hydrating Gel", "Face Lotion"]),
+    (["Beauty", "Skin Care", "Face", "Cleansers"], ["Foaming Cleanser", "Micellar Water", "Cleansing Oil", "Face Wash"]),
+    (["Beauty", "Skin Care", "Sun", "Sunscreen"], ["Sunscreen SPF 50", "Sun Stick", "Mineral Sunscreen", "Sun Spray"]),
+    (["Beauty", "Hair Care", "Shampoo"], ["Clarifying Shampoo", "Dry Shampoo", "Volumizing Shampoo", "Sulfate Free Shampoo"]),
+    (["Beauty", "Hair Care", "Styling", "Hair Spray"], ["Hair Spray", "Texturizing Spray", "Styling Mousse", "Hair Gel"]),
+    (["Beauty", "Tools & Accessories", "Brushes"], ["Foundation Brush", "Kabuki Brush", "Blending Sponge", "Brush Set"]),
+    (["Beauty", "Fragrance", "Women"], ["Eau de Parfum", "Body Mist", "Perfume Oil", "Eau de Toilette"]),
+    (["Beauty", "Fragrance", "Men"], ["Cologne", "Aftershave", "Eau de Toilette for Men", "Deodorant Stick"]),
+    (["Beauty", "Bath & Body", "Soaps"], ["Bar Soap", "Shower Gel", "Body Wash", "Bath Bomb"]),
+    (["Beauty", "Bath & Body", "Body Lotion"], ["Body Butter", "Body Lotion", "Hand Cream", "Foot Cream"]),
+    (["Beauty", "Makeup", "Face", "Foundation"], ["Liquid Foundation", "BB Cream", "Concealer", "Setting Powder"]),
+    (["Beauty", "Makeup", "Eyes", "Eyeshadow"], ["Eyeshadow Palette", "Eye Pencil", "Liquid Eyeliner", "Brow Gel"]),
+    (["Beauty", "Skin Care", "Treatments", "Serums"], ["Vitamin C Serum", "Retinol Serum", "Hyaluronic Serum", "Acne Spot Gel"]),
+    (["Beauty", "Hair Care", "Hair Color"], ["Hair Dye", "Root Touch Up", "Color Gloss", "Henna Powder"]),
+    (["Beauty", "Shaving", "Razors"], ["Safety Razor", "Razor Blades", "Shaving Cream", "Beard Oil"]),
+    (["Beauty", "Tools & Accessories", "Hair Tools"], ["Flat Iron", "Curling Wand", "Hair Dryer", "Hot Brush"]),
+    (["Beauty", "Oral Care"], ["Whitening Toothpaste", "Electric Toothbrush", "Water Flosser", "Mouthwash"]),
+]
+BRANDS = ["Lumiere", "Verdant", "Aurora", "Nordic Bloom", "Silk & Stone", "Petal Lab", "Oakmoss", "Cirrus",
+          "Marigold", "Bluebay", "Amber Row", "Kinfolk"]
+ADJECTIVES = ["Classic", "Pro", "Sensitive", "Organic", "Travel Size", "Deluxe", "Everyday", "Ultra"]
+
+
+def make_synthetic(seed=0, n_users=2000, n_items=1000, min_len=5, max_len=20):
+    """Items in 20 topics; each user follows 2-4 topics and drifts between them.
+
+    Returns (sequences, items, user_topics) where user_topics is the planted ground truth."""
+    rng = random.Random(seed)
+    n_topics = len(TOPICS)
+    item_topic = [i % n_topics for i in range(n_items)]
+    rng.shuffle(item_topic)
+    members = [[i for i in range(n_items) if item_topic[i] == t] for t in range(n_topics)]
+    # a Zipf-like popularity inside each topic, so popularity is a real (but weak) baseline
+    weights = {t: [1.0 / (r + 1) ** 0.8 for r in range(len(members[t]))] for t in range(n_topics)}
+    items = []
+    for i in range(n_items):
+        path, nouns = TOPICS[item_topic[i]]
+        title = f"{rng.choice(BRANDS)} {rng.choice(ADJECTIVES)} {rng.choice(nouns)}, {rng.choice([1, 2, 4, 8])} oz"
+        items.append({"asin": f"SYN{i:06d}", "title": title, "categories": [list(path)]})
+    sequences, user_topics = [], []
+    for _ in range(n_users):
+        topics = rng.sample(range(n_topics), rng.randint(2, 4))
+        length = rng.randint(min_len, max_len)
+        topic, seq, seen = rng.choice(topics), [], set()
+        while len(seq) < length:
+            if rng.random() < 0.3:  # switch interest now and then
+                topic = rng.choice(topics)
+            i = rng.choices(members[topic], weights[topic])[0]
+            if i not in seen:
+                seen.add(i)
+                seq.append(i)
+        sequences.append(seq)
+        user_topics.append(sorted(topics))
+    # ids by first appearance, as for the real data
+    item_id, ordered = {}, []
+    for seq in sequences:
+        for i in seq:
+            if i not in item_id:
+                item_id[i] = len(item_id) + 1
+                ordered.append(dict(item_id=item_id[i], **items[i]))
+    return [[item_id[i] for i in s] for s in sequences], ordered, user_topics
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def prepare(name, out, raw_dir=None, seed=0):
+    if name == "synthetic":
+        sequences, items, _ = make_synthetic(seed)
+    elif name in AMAZON:
+        cat = AMAZON[name]
+        files = [f"reviews_{cat}_5.json.gz", f"meta_{cat}.json.gz"]
+        if raw_dir:
+            paths = [os.path.join(raw_dir, f) for f in files]
+            for p in paths:
+                if not os.path.exists(p):
+                    raise PrepError(f"{p} is missing: download {os.path.basename(p)} of the 2014 Amazon release "
+                                    f"(e.g. {MIRRORS[0]}{os.path.basename(p)}) into {raw_dir}")
+        else:
+            paths = [download([m + f for m in MIRRORS], os.path.join(out, "raw", f)) for f in files]
+        rows = read_amazon_reviews(paths[0])
+        meta = read_amazon_meta(paths[1], {r[1] for r in rows})
+        sequences, items = build(rows, meta, paths[0])
+    elif name == "yelp":
+        missing = [f for f in YELP_FILES if not raw_dir or not os.path.exists(os.path.join(raw_dir, f))]
+        if missing:
+            raise PrepError("Yelp cannot be downloaded automatically (its licence needs a click-through).\n"
+                            "  1. get the Yelp Open Dataset at https://www.yelp.com/dataset (JSON version)\n"
+                            f"  2. extract {' and '.join(YELP_FILES)} into a folder\n"
+                            "  3. run: python data_prep.py yelp --raw-dir FOLDER\n"
+                            f"missing: {', '.join(missing)}")
+        rows, meta = read_yelp(raw_dir)
+        sequences, items = build(rows, meta, os.path.join(raw_dir, YELP_FILES[0]))
+    else:
+        raise PrepError(f"unknown dataset {name!r}: choose beauty, sports, toys, yelp or synthetic")
+    write_dataset(os.path.join(out, name), sequences, items)
+    summary(name, sequences, items)
+    print(f"wrote {os.path.join(out, name)}/sequences.txt and items.jsonl")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=["beauty", "sports", "toys", "yelp", "synthetic"])
+    p.add_argument("--out", default="data", help="output folder (default: data)")
+    p.add_argument("--raw-dir", help="folder with raw files fetched by hand (skips the download)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
+    args = p.parse_args(argv)
+    try:
+        prepare(args.dataset, args.out, args.raw_dir, args.seed)
+    except PrepError as e:
+        sys.exit(f"data_prep: {e}")
+
+
+if __name__ == "__main__":
+    main()

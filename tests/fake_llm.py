@@ -1,0 +1,113 @@
+"""A real HTTP server on 127.0.0.1 that speaks the OpenAI chat and embeddings JSON and can be
+scripted to fail. Run it standalone (`python tests/fake_llm.py`, it prints its URL) to point the kit at it."""
+import hashlib
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def fake_embedding(text, dim=16):
+    digest = hashlib.sha256(text.encode()).digest()
+    return [(b - 127.5) / 127.5 for b in digest[:dim]]
+
+
+def fake_interests(prompt, n):
+    """A deterministic, well-formed answer built from the category words in the prompt."""
+    words = sorted({w for line in prompt.splitlines() if "[" in line
+                    for w in line[line.index("[") + 1:].rstrip("]").split(" > ")[-1:]})
+    words = (words * n)[:n] if words else [f"topic {k}" for k in range(n)]
+    return {"interests": [{"name": f"{w} fan {k + 1}", "description": f"Buys {w.lower()} products."}
+                          for k, w in enumerate(words)]}
+
+
+class FakeLLM:
+    """`script` holds behaviours for the next requests (FIFO), default "ok": 429, 500, hang, drop,
+    badjson, prose, wrong_count, 401, 404, block (never answers until released)."""
+
+    def __init__(self, n_interests=4, hang_s=3.0):
+        self.script, self.log, self.completed = [], [], []
+        self.n_interests, self.hang_s = n_interests, hang_s
+        self.lock, self.release = threading.Lock(), threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    kind = self.path.rsplit("/", 1)[-1]
+                    behaviour = server.script.pop(0) if server.script else "ok"
+                    server.log.append({"path": self.path, "kind": kind, "body": body, "behaviour": behaviour,
+                                       "auth": self.headers.get("Authorization")})
+                server.respond(self, kind, body, behaviour)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def send(self, handler, status, payload, headers=()):
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for k, v in headers:
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
+        with self.lock:
+            self.completed.append((handler.path.rsplit("/", 1)[-1], status))
+
+    def respond(self, handler, kind, body, behaviour):
+        if behaviour == "429":
+            return self.send(handler, 429, {"error": {"message": "rate limited"}}, [("Retry-After", "0.05")])
+        if behaviour == "500":
+            return self.send(handler, 500, {"error": {"message": "internal error"}})
+        if behaviour == "401":
+            return self.send(handler, 401, {"error": {"message": "Incorrect API key provided"}})
+        if behaviour == "404":
+            return self.send(handler, 404, {"error": {"message": f"The model {body['model']} does not exist"}})
+        if behaviour == "drop":
+            handler.close_connection = True
+            return
+        if behaviour == "hang":
+            time.sleep(self.hang_s)
+        if behaviour == "block":
+            self.release.wait()
+            return
+        if behaviour == "badjson":
+            return self.send(handler, 200, b"{not json")
+        if kind == "embeddings":
+            data = [{"object": "embedding", "index": i, "embedding": fake_embedding(t)}
+                    for i, t in enumerate(body["input"])]
+            return self.send(handler, 200, {"object": "list", "data": data, "model": body["model"]})
+        answer = fake_interests(body["messages"][1]["content"], self.n_interests)
+        if behaviour == "wrong_count":
+            answer["interests"] = answer["interests"][:-1]
+        content = json.dumps(answer)
+        if behaviour == "prose":
+            content = f"Sure! Here is the analysis:\n```json\n{content}\n```\nLet me know if you need more."
+        return self.send(handler, 200, {"id": "x", "object": "chat.completion", "model": body["model"] + "-0613",
+                                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                                     "finish_reason": "stop"}]})
+
+    def count(self, kind, status=200):
+        return sum(1 for k, s in self.completed if k == kind and s == status)
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+
+
+if __name__ == "__main__":
+    server = FakeLLM()
+    print(f"fake OpenAI-compatible server at {server.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.close()

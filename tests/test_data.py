@@ -1,0 +1,291 @@
+"""Foundation: raw parsers, 5-core, bad input, synthetic data, loading and both split protocols."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+import bimi
+import data_prep
+from conftest import shared_beauty
+
+# ----------------------------------------------------------------------------- raw fixtures in the 2014 formats
+
+
+def write_gz(path, lines):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
+def review(user, asin, t):
+    return json.dumps({"reviewerID": user, "asin": asin, "unixReviewTime": t, "overall": 5.0, "reviewText": "ok"})
+
+
+def meta(asin, title=None, cats=(("Beauty", "Makeup"),)):
+    record = {"asin": asin, "categories": [list(c) for c in cats], "salesRank": {"Beauty": 1}}
+    if title is not None:
+        record["title"] = title
+    return repr(record)  # Python dict literal, single quotes, as in meta_*.json.gz
+
+
+def amazon_fixture(raw):
+    """Five users x items I1..I5 form the core. Y has 4 reviewers (u1, u2, u3, u6): dropping it leaves
+    u6 with 4 reviews, dropping u6 leaves X with 4 reviewers (u1..u4), which drops X too."""
+    rows = []
+    for u in ["u1", "u2", "u3", "u4", "u5"]:
+        for n, item in enumerate(["I1", "I2", "I3", "I4", "I5"]):
+            rows.append(review(u, item, 1000 + 10 * n))
+    # u1: I5 and I4 tie at time 5 -> file order (I5 first) must be kept, and both come first
+    rows[3] = review("u1", "I5", 5)
+    rows[4] = review("u1", "I4", 5)
+    rows += [review(u, "Y", 2000) for u in ["u1", "u2", "u3"]]
+    rows += [review(u, "X", 3000) for u in ["u1", "u2", "u3", "u4"]]
+    rows += [review("u6", i, 100 + n) for n, i in enumerate(["I1", "I2", "I3", "Y", "X"])]
+    write_gz(os.path.join(raw, "reviews_Beauty_5.json.gz"), rows)
+    metas = [meta("I1", "Nail &amp; Polish"), meta("I2", "Lipstick"), meta("I3"),  # I3 has no title
+             meta("I4", "Mascara", [["Beauty", "Makeup", "Eyes"], ["Beauty", "Gifts"]]), meta("I5", "Cream"),
+             meta("X", "x"), meta("Y", "y"), meta("UNUSED", "never reviewed")]
+    write_gz(os.path.join(raw, "meta_Beauty.json.gz"), metas)
+
+
+def read_out(out):
+    with open(os.path.join(out, "beauty", "sequences.txt")) as f:
+        seqs = [list(map(int, line.split())) for line in f]
+    with open(os.path.join(out, "beauty", "items.jsonl")) as f:
+        items = [json.loads(line) for line in f]
+    return seqs, items
+
+
+def test_amazon_parsers_core_ties_and_ids(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    os.makedirs(raw)
+    amazon_fixture(raw)
+    data_prep.prepare("beauty", out, raw)
+    seqs, items = read_out(out)
+    # cascade: Y, u6 and X are all gone; 5 users x 5 items remain
+    assert [s[0] for s in seqs] == [1, 2, 3, 4, 5]
+    asins = [it["asin"] for it in items]
+    assert sorted(asins) == ["I1", "I2", "I3", "I4", "I5"]
+    # u1: I5 and I4 at time 5 (file order: I5 then I4), then I1, I2, I3 -> ids by first appearance
+    assert asins[:5] == ["I5", "I4", "I1", "I2", "I3"]
+    assert seqs[0][1:] == [1, 2, 3, 4, 5]
+    assert seqs[1][1:] == [3, 4, 5, 2, 1]  # u2 in time order I1..I5
+    by_asin = {it["asin"]: it for it in items}
+    assert by_asin["I1"]["title"] == "Nail & Polish"  # HTML entity decoded
+    assert by_asin["I3"]["title"] == ""  # missing title written as ""
+    assert by_asin["I4"]["categories"] == [["Beauty", "Makeup", "Eyes"], ["Beauty", "Gifts"]]
+    assert [it["item_id"] for it in items] == [1, 2, 3, 4, 5]
+    # and the kit loads what data_prep wrote
+    data = bimi.load_dataset(out, "beauty")
+    assert data.n_items == 5 and len(data.sequences) == 5
+
+
+def test_k_core_cascade_directly():
+    rows = [("a", "i", 0, 1), ("a", "j", 0, 2), ("b", "i", 0, 3)]
+    assert data_prep.k_core(rows, k=2) == []  # j has 1 -> a has 1 -> i has 1 -> nothing
+    rows = [("a", "i", 0, 1), ("a", "j", 0, 2), ("b", "i", 0, 3), ("b", "j", 0, 4), ("c", "i", 0, 5)]
+    assert sorted(r[0] for r in data_prep.k_core(rows, k=2)) == ["a", "a", "b", "b"]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("truncated", "truncated or corrupt gzip"),
+    ("malformed", "reviews_Beauty_5.json.gz:3: malformed record"),
+    ("malformed_meta", "meta_Beauty.json.gz:2: malformed record"),
+    ("no_meta", "item I5 has no metadata"),
+    ("empty", "nothing is left after the 5-core filter"),
+])
+def test_bad_input_gives_clear_error_and_no_output(tmp_path, case, needle):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    os.makedirs(raw)
+    amazon_fixture(raw)
+    reviews, metas = os.path.join(raw, "reviews_Beauty_5.json.gz"), os.path.join(raw, "meta_Beauty.json.gz")
+    if case == "truncated":
+        blob = open(reviews, "rb").read()
+        open(reviews, "wb").write(blob[: len(blob) // 2])
+    elif case == "malformed":
+        with gzip.open(reviews, "rt") as f:
+            lines = f.read().splitlines()
+        lines[2] = lines[2][:-5]
+        write_gz(reviews, lines)
+    elif case == "malformed_meta":
+        with gzip.open(metas, "rt") as f:
+            lines = f.read().splitlines()
+        lines[1] = "{'asin': 'I2', 'title': __import__('os').system('echo pwned')}"  # never evaluated
+        write_gz(metas, lines)
+    elif case == "no_meta":
+        with gzip.open(metas, "rt") as f:
+            write_gz(metas, [line for line in f.read().splitlines() if "'I5'" not in line])
+    elif case == "empty":
+        write_gz(reviews, [review("u1", "I1", 1), review("u2", "I1", 2)])
+    with pytest.raises(data_prep.PrepError, match=needle.replace(".", r"\.")):
+        data_prep.prepare("beauty", out, raw)
+    assert not os.path.exists(os.path.join(out, "beauty", "sequences.txt"))
+    assert not os.path.exists(os.path.join(out, "beauty", "items.jsonl"))
+
+
+def test_yelp_without_files_explains_what_to_fetch(tmp_path):
+    with pytest.raises(data_prep.PrepError, match="yelp_academic_dataset_review.json"):
+        data_prep.prepare("yelp", str(tmp_path), str(tmp_path))
+
+
+def test_yelp_parser_filters_dates_and_uses_business_names(tmp_path):
+    reviews, businesses = [], []
+    for u in range(5):
+        for b in range(5):
+            reviews.append(json.dumps({"user_id": f"u{u}", "business_id": f"b{b}", "date": f"2019-0{b + 1}-01 10:00:00"}))
+        reviews.append(json.dumps({"user_id": f"u{u}", "business_id": "old", "date": "2018-12-31 23:59:59"}))
+    for b in range(5):
+        businesses.append(json.dumps({"business_id": f"b{b}", "name": f"Cafe {b} &amp; Bar",
+                                      "categories": "Food, Coffee & Tea"}))
+    for name, lines in zip(data_prep.YELP_FILES, (reviews, businesses)):
+        with open(tmp_path / name, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    data_prep.prepare("yelp", str(tmp_path / "out"), str(tmp_path))
+    data = bimi.load_dataset(str(tmp_path / "out"), "yelp")
+    assert data.n_items == 5  # the 2018 review is filtered out
+    assert data.titles[1] == "Cafe 0 & Bar" and data.categories[1] == [["Food"], ["Coffee & Tea"]]
+
+
+def test_download_reuses_complete_file_and_never_leaves_part(tmp_path):
+    dest = tmp_path / "f.gz"
+    dest.write_bytes(b"done")
+    assert data_prep.download(["http://127.0.0.1:9/never"], str(dest)) == str(dest)  # reused, no request
+    with pytest.raises(data_prep.PrepError, match="could not download"):
+        data_prep.download(["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"], str(tmp_path / "g.gz"))
+    assert sorted(os.listdir(tmp_path)) == ["f.gz"]
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_and_has_planted_topics():
+    a = data_prep.make_synthetic(seed=0)
+    assert a == data_prep.make_synthetic(seed=0)
+    assert a[0] != data_prep.make_synthetic(seed=1)[0]
+    sequences, items, user_topics = a
+    assert len(sequences) == 2000 and 900 <= len(items) <= 1000
+    path_to_topic = {tuple(path): t for t, (path, _) in enumerate(data_prep.TOPICS)}
+    item_topic = {it["item_id"]: path_to_topic[tuple(it["categories"][0])] for it in items}
+    for seq, topics in zip(sequences, user_topics):
+        assert 2 <= len(topics) <= 4 and len(seq) >= 5 and len(set(seq)) == len(seq)
+        assert {item_topic[i] for i in seq} <= set(topics)  # every item comes from a planted topic
+    # users stay on an interest for a while: consecutive items share a topic far above chance (1/20)
+    pairs = [(item_topic[a], item_topic[b]) for seq in sequences for a, b in zip(seq, seq[1:])]
+    assert sum(a == b for a, b in pairs) / len(pairs) > 0.6
+    # titles carry the topic's words, categories its path
+    for it in items[:50]:
+        nouns = data_prep.TOPICS[item_topic[it["item_id"]]][1]
+        assert any(n in it["title"] for n in nouns)
+
+
+def test_synthetic_loads_and_splits_offline(synthetic_dir):
+    data = bimi.load_dataset(synthetic_dir, "synthetic")
+    for protocol in ("loo", "user"):
+        split = bimi.make_split(data, protocol)
+        assert len(split.train_target) > 10000
+
+
+# ----------------------------------------------------------------------------- loading and validation
+
+
+def write_processed(folder, seq_lines, n_items=3):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sequences.txt"), "w") as f:
+        f.write("\n".join(seq_lines) + "\n")
+    with open(os.path.join(folder, "items.jsonl"), "w") as f:
+        for i in range(1, n_items + 1):
+            f.write(json.dumps({"item_id": i, "asin": f"A{i}", "title": f"t{i}", "categories": [["c"]]}) + "\n")
+
+
+@pytest.mark.parametrize("lines, needle", [
+    (["1 1 2 3", "3 1 2"], "sequences.txt:2: user id 3, expected 2"),
+    (["1 1 2 3", "2 1 9"], "sequences.txt:2: item 9 is not in"),
+    (["1 1 2 3", "2"], "sequences.txt:2: user without items"),
+    (["1 1 x"], "sequences.txt:1: non-integer token"),
+])
+def test_load_rejects_bad_files_with_file_and_line(tmp_path, lines, needle):
+    write_processed(str(tmp_path / "d"), lines)
+    with pytest.raises(bimi.DataError, match=needle):
+        bimi.load_dataset(str(tmp_path), "d")
+
+
+def test_load_rejects_gappy_item_ids(tmp_path):
+    write_processed(str(tmp_path / "d"), ["1 1 2 3"])
+    with open(tmp_path / "d" / "items.jsonl", "a") as f:
+        f.write(json.dumps({"item_id": 7, "asin": "x", "title": "", "categories": []}) + "\n")
+    with pytest.raises(bimi.DataError, match="items.jsonl:4: item_id 7, expected 4"):
+        bimi.load_dataset(str(tmp_path), "d")
+
+
+def test_missing_dataset_says_how_to_make_it(tmp_path):
+    with pytest.raises(bimi.DataError, match="python data_prep.py beauty"):
+        bimi.load_dataset(str(tmp_path), "beauty")
+
+
+# ----------------------------------------------------------------------------- splits against a slow reference
+
+
+def reference_loo(sequences, max_len):
+    hist, target, user = [], [], []
+    for u, seq in enumerate(sequences, 1):
+        train = list(seq[:-2])
+        for t in range(1, len(train)):
+            h = train[max(0, t - max_len):t]
+            hist.append(h + [0] * (max_len - len(h)))
+            target.append(train[t])
+            user.append(u)
+    return np.array(hist), np.array(target), np.array(user)
+
+
+def test_loo_split_matches_loop_reference(synthetic_dir):
+    data = bimi.load_dataset(synthetic_dir, "synthetic")
+    split = bimi.make_split(data, "loo", max_len=7)
+    hist, target, user = reference_loo(data.sequences, 7)
+    np.testing.assert_array_equal(split.train_hist, hist)
+    np.testing.assert_array_equal(split.train_target, target)
+    np.testing.assert_array_equal(split.train_user, user)
+    for row, seq in enumerate(data.sequences[:200]):
+        assert split.test.targets[row, 0] == seq[-1] and split.valid.targets[row, 0] == seq[-2]
+        assert sorted(split.test.seen[row][split.test.seen[row] > 0]) == sorted(seq[:-1])
+        assert list(split.valid.hist[row][split.valid.hist[row] > 0]) == list(seq[:-2][-7:])
+        assert list(split.train_seqs[row + 1]) == list(seq[:-2])
+
+
+def test_user_split_matches_comirec_recipe(synthetic_dir):
+    import random
+    data = bimi.load_dataset(synthetic_dir, "synthetic")
+    split = bimi.make_split(data, "user", max_len=20)
+    users = list(range(1, len(data.sequences) + 1))
+    random.seed(1230)  # ComiRec's preprocessing: random.seed(1230); random.shuffle(user ids)
+    random.shuffle(users)
+    n = len(users)
+    assert sorted(split.train_seqs) == sorted(users[:int(0.8 * n)])
+    assert list(split.valid.users) == users[int(0.8 * n):int(0.9 * n)]
+    assert list(split.test.users) == users[int(0.9 * n):]
+    for row, u in enumerate(split.test.users[:100]):
+        seq = list(data.sequences[u - 1])
+        cut = max(1, int(0.8 * len(seq)))
+        assert list(split.test.targets[row][split.test.targets[row] > 0]) == seq[cut:]
+        assert list(split.test.hist[row][split.test.hist[row] > 0]) == seq[:cut][-20:]
+
+
+# ----------------------------------------------------------------------------- the real benchmark
+
+
+def test_real_beauty_counts_and_splits():
+    data = bimi.load_dataset(shared_beauty(), "beauty")
+    assert len(data.sequences) == 22363 and data.n_items == 12101
+    assert sum(len(s) for s in data.sequences) == 198502
+    loo = bimi.make_split(data, "loo")
+    assert len(loo.valid.users) == len(loo.test.users) == 22363
+    assert len(loo.train_target) == 131413 == 198502 - 3 * 22363
+    user = bimi.make_split(data, "user")
+    train, valid, test = set(user.train_seqs), set(user.valid.users.tolist()), set(user.test.users.tolist())
+    assert (len(train), len(valid), len(test)) == (17890, 2236, 2237)
+    assert not (train & valid) and not (train & test) and not (valid & test)
+    assert train | valid | test == set(range(1, 22364))
+    again = bimi.make_split(data, "user")
+    assert list(again.test.users) == list(user.test.users)
+    other = bimi.make_split(data, "user", split_seed=7)
+    assert list(other.test.users) != list(user.test.users)

@@ -1,0 +1,300 @@
+"""ESIM: k-means against a naive Lloyd, typical users, parsing, the HTTP client against a real
+scriptable server on 127.0.0.1, the persistent cache, a SIGKILL mid-run, and no leakage."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import bimi
+from conftest import ROOT
+from fake_llm import FakeLLM
+
+# ----------------------------------------------------------------------------- k-means
+
+
+def naive_lloyd(x, centroids, iters):
+    """Textbook Lloyd with Python loops (no empty clusters in the data it is given)."""
+    x, c = x.tolist(), centroids.tolist()
+    for _ in range(iters):
+        assign = [min(range(len(c)), key=lambda k: sum((a - b) ** 2 for a, b in zip(p, c[k]))) for p in x]
+        for k in range(len(c)):
+            members = [p for p, a in zip(x, assign) if a == k]
+            c[k] = [sum(col) / len(members) for col in zip(*members)]
+    return torch.tensor(c), assign
+
+
+def blobs(n=120, k=4, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 5
+    return centres[torch.arange(n) % k] + torch.randn(n, d, generator=g)
+
+
+def test_lloyd_matches_naive_loop_from_same_seeding():
+    x = blobs().double()
+    init = bimi.kmeans_pp(x, 4, torch.Generator().manual_seed(3))
+    centroids, assign, inertia, history = bimi.lloyd(x, init, max_iter=8, tol=0)
+    ref_c, ref_assign = naive_lloyd(x, init, len(history) - 1)
+    torch.testing.assert_close(centroids, ref_c.double())
+    assert assign.tolist() == ref_assign
+    assert inertia == pytest.approx(float(((x - centroids[assign]) ** 2).sum()))
+
+
+def test_inertia_never_increases_and_empty_clusters_are_reseeded():
+    x = blobs(n=200, k=5, seed=1)
+    init = torch.cat([x[:4], torch.full((1, 3), 1000.0)])  # the last centroid is far from every point
+    centroids, assign, _, history = bimi.lloyd(x, init, max_iter=50)
+    assert all(b <= a + 1e-3 for a, b in zip(history, history[1:]))
+    assert len(set(assign.tolist())) == 5  # the empty cluster came back to life
+    assert centroids.abs().max() < 100
+
+
+def test_kmeans_is_determined_by_seed_and_keeps_best_restart():
+    x = blobs(n=300, k=6, seed=2)
+    a, b = bimi.kmeans(x, 6, n_init=3, seed=7), bimi.kmeans(x, 6, n_init=3, seed=7)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    gen = torch.Generator().manual_seed(7)
+    inertias = [bimi.lloyd(x, bimi.kmeans_pp(x, 6, gen))[2] for _ in range(3)]
+    assert a[2] == min(inertias)
+    many = bimi.kmeans(x, 6, n_init=8, seed=7)[2]
+    assert many <= a[2]
+
+
+def test_chunked_distances_equal_direct():
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(1000, 8, generator=g), torch.randn(7, 8, generator=g)
+    direct = torch.cdist(x, c) ** 2
+    got = torch.cat([d2 for _, d2 in bimi.squared_distances(x, c, chunk=97)])
+    torch.testing.assert_close(got, direct, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- typical users, texts
+
+
+def test_select_typical_prefers_near_rich_users_then_longest():
+    reps = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0], [11.0]])
+    centroids = torch.tensor([[0.0], [10.0]])
+    assign = torch.tensor([0, 0, 0, 0, 1, 1])
+    lengths = np.array([2, 9, 5, 7, 3, 4])
+    chosen = bimi.select_typical(reps, assign, centroids, lengths, per_cluster=2, min_len=5)
+    assert [(r, c) for r, c, _ in chosen] == [(1, 0), (2, 0), (5, 1), (4, 1)]
+    # cluster 0: users 1 (dist 1) and 2 (dist 2) have >= 5 items; user 0 is nearer but short.
+    # cluster 1 has no rich user: the longest histories fill it (user 5 has 4 items, user 4 has 3)
+
+
+def test_parse_interests_tolerates_prose_and_rejects_bad_shapes():
+    good = {"interests": [{"name": f"n{k}", "description": "d"} for k in range(3)]}
+    wrapped = "Sure!\n```json\n" + json.dumps(good) + "\n```\nBye {not json}"
+    assert bimi.parse_interests(wrapped, 3) == [(f"n{k}", "d") for k in range(3)]
+    with pytest.raises(bimi.ParseError, match="exactly 4"):
+        bimi.parse_interests(json.dumps(good), 4)
+    with pytest.raises(bimi.ParseError, match="no JSON object"):
+        bimi.parse_interests("I think they like makeup.", 3)
+    bad = {"interests": [{"name": ""}, {"name": "a"}, {"name": "b"}]}
+    with pytest.raises(bimi.ParseError, match="interest 1"):
+        bimi.parse_interests(json.dumps(bad), 3)
+
+
+def test_category_interests_and_hash_embedding():
+    data = bimi.Dataset("t", [], ["", "a", "b", "c"], [[], [["B", "Nails"]], [["B", "Eyes"]], [["B", "Nails"], ["B", "Lips"]]])
+    # Nails twice; Eyes and Lips once each, Lips more recent
+    assert bimi.category_interests(data, np.array([1, 2, 3]), 2) == [("Nails", "B > Nails"), ("Lips", "B > Lips")]
+    v = bimi.hash_embed(["nail polish red", "nail polish red", "hiking boots"], 64)
+    assert np.allclose(v[0], v[1]) and np.allclose(np.linalg.norm(v, axis=1), 1)
+    assert abs(v[0] @ v[2]) < 0.5
+
+
+# ----------------------------------------------------------------------------- client against a real server
+
+
+@pytest.fixture
+def server():
+    s = FakeLLM(n_interests=3, hang_s=2.0)
+    yield s
+    s.close()
+
+
+def client_for(server, tmp_path, **kw):
+    ecfg = bimi.EsimConfig(base_url=server.url, cache_dir=str(tmp_path / "cache"), retry_wait=0.01, timeout=1.0,
+                           max_retries=3, **kw)
+    return bimi.LLMClient(ecfg, log=lambda m: None)
+
+
+MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "1. Lipstick [Beauty > Lips]"}]
+
+
+@pytest.mark.parametrize("behaviour", ["429", "500", "hang", "drop", "badjson"])
+def test_transient_failures_are_retried_once_then_succeed(server, tmp_path, behaviour):
+    server.script = [behaviour]
+    client = client_for(server, tmp_path)
+    reply = client.chat(MESSAGES)
+    assert len(bimi.parse_interests(reply, 3)) == 3
+    assert len(server.log) == 2  # the failure and one retry, nothing more
+
+
+def test_retries_are_bounded(server, tmp_path):
+    server.script = ["500"] * 10
+    with pytest.raises(bimi.LLMError, match="giving up after 4 attempts"):
+        client_for(server, tmp_path).chat(MESSAGES)
+    assert len(server.log) == 4
+
+
+@pytest.mark.parametrize("behaviour, needle", [("401", "Incorrect API key"), ("404", "does not exist")])
+def test_client_errors_stop_at_once_naming_endpoint_and_model(server, tmp_path, behaviour, needle):
+    server.script = [behaviour]
+    with pytest.raises(bimi.LLMError) as err:
+        client_for(server, tmp_path, chat_model="my-model").chat(MESSAGES)
+    text = str(err.value)
+    assert needle in text and "my-model" in text and server.url in text and f"HTTP {behaviour}" in text
+    assert len(server.log) == 1
+
+
+def test_prose_wrong_count_repair_and_failure(server, tmp_path):
+    data = bimi.Dataset("t", [], ["", "Red Lipstick", ""], [[], [["Beauty", "Lips"]], [["Beauty", "Nails"]]])
+    client = client_for(server, tmp_path)
+    server.script = ["prose"]
+    assert len(bimi.llm_interests(client, data, np.array([1, 2]), 3, 20)) == 3
+    assert len(server.log) == 1
+    server.script = ["wrong_count"]  # one bad reply, then the repair succeeds
+    assert len(bimi.llm_interests(client, data, np.array([2, 1]), 3, 20)) == 3
+    assert len(server.log) == 3 and "exactly 3" in server.log[2]["body"]["messages"][-1]["content"]
+    server.script = ["wrong_count", "wrong_count"]
+    with pytest.raises(bimi.ParseError):
+        bimi.llm_interests(client, data, np.array([2]), 3, 20)
+    assert len(server.log) == 5
+
+
+def test_cache_makes_second_call_free_and_never_stores_the_key(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-123")
+    client = client_for(server, tmp_path)
+    first = client.chat(MESSAGES), client.embed(["a", "b", "c"])
+    assert server.log[0]["auth"] == "Bearer sk-test-SECRET-123"
+    again = client_for(server, tmp_path)
+    second = again.chat(MESSAGES), again.embed(["a", "b", "c"])
+    assert first[0] == second[0] and np.allclose(first[1], second[1])
+    assert len(server.log) == 2 and again.requests == 0 and again.cache_hits == 2
+    for folder, _, files in os.walk(tmp_path):
+        for f in files:
+            assert "SECRET" not in open(os.path.join(folder, f), errors="ignore").read()
+    assert "SECRET" not in capsys.readouterr().out
+
+
+def test_embeddings_are_batched(server, tmp_path):
+    vectors = client_for(server, tmp_path, embed_batch=4).embed([f"t{i}" for i in range(10)])
+    assert vectors.shape == (10, 16) and len(server.log) == 3
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1)
+
+
+# ----------------------------------------------------------------------------- ESIM end to end on synthetic
+
+
+def esim_configs(synthetic_dir, tmp_path, server=None, **esim):
+    cfg = bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"), max_epochs=2)
+    ecfg = bimi.EsimConfig(clusters=10, per_cluster=4, prototypes=8, cache_dir=str(tmp_path / "cache"),
+                           retry_wait=0.01, **esim)
+    if server:
+        ecfg = dataclasses.replace(ecfg, backend="llm", embedder="api", base_url=server.url)
+    return cfg, ecfg
+
+
+def test_esim_categories_hash_outputs(synthetic_dir, tmp_path):
+    cfg, ecfg = esim_configs(synthetic_dir, tmp_path)
+    out = bimi.run_esim(cfg, ecfg)
+    typical = json.load(open(os.path.join(out, "typical_users.json")))
+    assert len(typical) == 40 and len({t["user"] for t in typical}) == 40
+    assert sorted({t["cluster"] for t in typical}) == list(range(10))
+    z = np.load(os.path.join(out, "esim.npz"))
+    assert z["semantic"].shape[0] == 40 and z["prototypes"].shape == (8, ecfg.hash_dim)
+    labels, labelled = z["labels"], z["labelled"]
+    assert labels.min() >= 0 and labels.max() <= 1 and labelled[1:].all() and not labelled[0]
+    assert (labels[1:].sum(1) > 0).all()
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["failures"] == 0 and summary["requests"] == 0
+    assert bimi.run_esim(cfg, ecfg) == out  # reused
+
+
+def test_esim_llm_request_counts_cache_and_no_leakage(synthetic_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-456")
+    server = FakeLLM(n_interests=4)
+    try:
+        cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
+        out = bimi.run_esim(cfg, ecfg)
+        chats = [r for r in server.log if r["kind"] == "completions"]
+        assert len(chats) == ecfg.clusters * ecfg.per_cluster
+        n_texts = json.load(open(os.path.join(out, "summary.json")))["texts"]
+        assert server.count("embeddings") == -(-n_texts // ecfg.embed_batch)
+        # every prompt lists the typical user's training items only, never validation or test items
+        data = bimi.load_dataset(synthetic_dir, "synthetic")
+        split = bimi.make_split(data, "loo")
+        typical = {t["user"] for t in json.load(open(os.path.join(out, "typical_users.json")))}
+        prompts = {json.dumps(bimi.render_prompt(data, split.train_seqs[u], 4, 20)): u for u in typical}
+        for r in chats:
+            u = prompts[json.dumps(r["body"]["messages"])]
+            train_texts = {bimi.item_text(data, int(i)) for i in split.train_seqs[u][-20:]}
+            listed = [line.split(". ", 1)[1] for line in r["body"]["messages"][1]["content"].splitlines()
+                      if line[:1].isdigit()]
+            assert set(listed) == train_texts
+            for held_out in data.sequences[u - 1][-2:]:
+                assert bimi.item_text(data, int(held_out)) not in listed or \
+                    bimi.item_text(data, int(held_out)) in train_texts
+        # a second ESIM from scratch: every request is a cache hit
+        n_before = len(server.log)
+        import shutil
+        shutil.rmtree(out)
+        again = bimi.run_esim(cfg, ecfg)
+        assert len(server.log) == n_before
+        assert json.load(open(os.path.join(again, "summary.json")))["requests"] == 0
+        for folder in (tmp_path / "runs", tmp_path / "cache"):
+            for root, _, files in os.walk(folder):
+                for f in files:
+                    assert b"SECRET" not in open(os.path.join(root, f), "rb").read()
+        assert "SECRET" not in capsys.readouterr().out
+    finally:
+        server.close()
+
+
+def test_too_many_unparsable_replies_stop_the_run(synthetic_dir, tmp_path):
+    server = FakeLLM(n_interests=4)
+    try:
+        cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
+        server.script = ["wrong_count"] * 40
+        with pytest.raises(SystemExit, match="could not be parsed"):
+            bimi.run_esim(cfg, ecfg)
+        out = [d for d in os.listdir(tmp_path / "runs" / "synthetic") if d.startswith("esim-")][0]
+        failures = open(tmp_path / "runs" / "synthetic" / out / "failures.jsonl").read().splitlines()
+        assert len(failures) > 8
+    finally:
+        server.close()
+
+
+def test_sigkill_mid_run_resumes_without_repeating_finished_requests(synthetic_dir, tmp_path):
+    server = FakeLLM(n_interests=4)
+    try:
+        cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
+        bimi.train(cfg)  # the backbone the subprocess will read
+        server.script = ["ok"] * 5 + ["block"]
+        cmd = [sys.executable, os.path.join(ROOT, "bimi.py"), "esim", "--dataset", "synthetic",
+               "--data_dir", synthetic_dir, "--out_dir", cfg.out_dir, "--max_epochs", "2",
+               "--clusters", "10", "--per_cluster", "4", "--prototypes", "8", "--backend", "llm",
+               "--embedder", "api", "--base_url", server.url, "--cache_dir", ecfg.cache_dir, "--concurrency", "1"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while len(server.log) < 6 and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(server.log) == 6  # 5 answered, the 6th is held open
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        server.release.set()
+        server.script = []
+        bimi.run_esim(cfg, ecfg)
+        chats = [r for r in server.log if r["kind"] == "completions"]
+        distinct = {json.dumps(r["body"]["messages"]) for r in chats}
+        assert server.count("completions") == len(distinct) == 40
+    finally:
+        server.close()

@@ -1,0 +1,233 @@
+"""IBIM: metrics against loops, the max-over-interests ranking against ComiRec's merge, the
+encoders' invariances, and short real trainings on the synthetic dataset."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import bimi
+from conftest import ROOT
+
+
+class FixedInterests(torch.nn.Module):
+    """A stand-in encoder: user row r (passed as hist[:, 0]) has the given interests."""
+
+    def __init__(self, interests, table):
+        super().__init__()
+        self.interests = interests
+        self.items = torch.nn.Embedding.from_pretrained(table)
+
+    def forward(self, hist):
+        return self.interests[hist[:, 0]], None
+
+
+def reference_metrics(scores, seen, targets, n):
+    """Loop version of METHOD.md section 2: sort the unseen items by (-score, id), cut at n."""
+    out = {"recall": [], "ndcg": [], "hitrate": []}
+    for s, h, t in zip(scores, seen, targets):
+        t = [x for x in t if x > 0]
+        ranking = sorted((i for i in range(1, len(s)) if i not in set(h)), key=lambda i: (-s[i], i))[:n]
+        hits = [r for r, i in enumerate(ranking, 1) if i in t]
+        out["recall"].append(len(hits) / len(t))
+        out["hitrate"].append(1.0 if hits else 0.0)
+        idcg = sum(1 / math.log2(j + 1) for j in range(1, min(len(t), n) + 1))
+        out["ndcg"].append(sum(1 / math.log2(r + 1) for r in hits) / idcg)
+    return {f"{k}@{n}": float(np.mean(v)) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_loop_reference_with_ties_and_masked_targets(seed):
+    g = torch.Generator().manual_seed(seed)
+    users, n_items, K, d = 40, 60, 3, 4
+    table = torch.randint(-2, 3, (n_items + 1, d), generator=g).float()  # small integers: many ties
+    interests = torch.randint(-2, 3, (users, K, d), generator=g).float()
+    rng = np.random.default_rng(seed)
+    seen = np.zeros((users, 8), dtype=np.int64)
+    targets = np.zeros((users, 6), dtype=np.int64)
+    for u in range(users):
+        items = rng.permutation(np.arange(1, n_items + 1))
+        n_seen, n_t = rng.integers(1, 9), rng.integers(1, 7)
+        seen[u, :n_seen] = items[:n_seen]
+        targets[u, :n_t] = items[n_seen:n_seen + n_t]
+        if u % 5 == 0:  # a target already in the history: it can never be hit, but counts in |T|
+            targets[u, 0] = seen[u, 0]
+    model = FixedInterests(interests, table)
+    hist = torch.arange(users).unsqueeze(1)
+    scores = bimi.score_items(model, hist, torch.from_numpy(seen))
+    ranks = bimi.target_ranks(scores, torch.from_numpy(targets))
+    n_targets = torch.from_numpy((targets > 0).sum(1))
+    ours = {k: v / users for k, v in bimi.metrics_from_ranks(ranks, n_targets, (1, 3, 5, 20)).items()}
+    full = (interests @ table.T).amax(1).numpy()  # (users, n_items + 1), unmasked
+    for n in (1, 3, 5, 20):  # n = 1 and 3 are below some users' target counts, 20 above all
+        ref = reference_metrics(full, seen, targets, n)
+        for k, v in ref.items():
+            assert ours[k] == pytest.approx(v, abs=1e-6), (k, n)
+
+
+def test_max_over_interests_equals_comirec_merge():
+    g = torch.Generator().manual_seed(3)
+    users, n_items, K, d, n = 30, 500, 4, 16, 20
+    table, interests = torch.randn(n_items + 1, d, generator=g), torch.randn(users, K, d, generator=g)
+    seen = torch.randint(1, n_items + 1, (users, 10), generator=g)
+    model = FixedInterests(interests, table)
+    ours = bimi.recommend(model, torch.arange(users).unsqueeze(1), seen, n)
+    for u in range(users):
+        pool = []  # ComiRec: top-n per interest, pooled, sorted by score, de-duplicated
+        for k in range(K):
+            s = table @ interests[u, k]
+            s[0] = -math.inf
+            s[seen[u]] = -math.inf
+            top = torch.topk(s, n)
+            pool += list(zip(top.values.tolist(), top.indices.tolist()))
+        merged, taken = [], set()
+        for score, item in sorted(pool, reverse=True):
+            if item not in taken:
+                taken.add(item)
+                merged.append(item)
+        assert ours[u].tolist() == merged[:n]
+
+
+@pytest.mark.parametrize("model_name", bimi.MODELS)
+def test_encoder_shapes_padding_and_gradients(model_name):
+    cfg = bimi.Config(model=model_name, max_len=12, dim=8, interests=3)
+    torch.manual_seed(0)
+    model = bimi.make_model(cfg, n_items=50)
+    hist = torch.tensor([[3, 9, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                         [7, 1, 2, 5, 8, 11, 12, 13, 14, 15, 16, 17]])
+    interests, attention = model(hist)
+    assert interests.shape == (2, 3, 8) and attention.shape == (2, 3, 12)
+    assert torch.all(attention[0, :, 3:] == 0)  # padding gets no weight
+    shorter, _ = model(hist[:1, :6])  # the same history with less padding
+    torch.testing.assert_close(interests[:1], shorter, rtol=1e-5, atol=1e-6)
+    alone, _ = model(hist[1:])  # batch-mates do not matter
+    torch.testing.assert_close(interests[1:], alone, rtol=1e-5, atol=1e-6)
+    target = torch.tensor([20, 30])
+    user = bimi.hard_readout(interests, model.items.weight[target])
+    loss = bimi.recommendation_loss(user, target, model.items.weight, cfg)
+    if model_name == "remi":
+        loss = loss + cfg.rlambda * bimi.routing_regularizer(attention, hist)
+    loss.backward()
+    grad = model.items.weight.grad
+    assert grad[[3, 9, 4, 20, 30]].abs().sum(1).min() > 0  # history items and targets learn
+    assert grad[0].abs().sum() == 0  # padding never does
+
+
+def test_hard_readout_picks_largest_dot_product():
+    g = torch.Generator().manual_seed(0)
+    interests, targets = torch.randn(50, 4, 8, generator=g), torch.randn(50, 8, generator=g)
+    chosen = bimi.hard_readout(interests, targets)
+    for b in range(50):
+        k = max(range(4), key=lambda k: float(interests[b, k] @ targets[b]))
+        assert torch.equal(chosen[b], interests[b, k])
+
+
+def test_sampled_softmax_and_remi_weighting_against_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    user, table = torch.randn(5, 8, generator=g), torch.randn(31, 8, generator=g)
+    target = torch.tensor([1, 4, 9, 16, 25])
+    cfg = bimi.Config(model="remi", loss="full", rbeta=0.5)
+    ours = bimi.recommendation_loss(user, target, table, cfg)
+    losses = []
+    for b in range(5):  # -s_pos + log(exp(s_pos) + sum_j w_j exp(s_j)), w = n * softmax(beta * s_neg)
+        s = table @ user[b]
+        neg = [j for j in range(1, 31) if j != target[b]]
+        w = torch.softmax(0.5 * s[neg], 0) * len(neg)
+        losses.append(-s[target[b]] + torch.log(torch.exp(s[target[b]]) + (w * torch.exp(s[neg])).sum()))
+    assert ours.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    plain = bimi.recommendation_loss(user, target, table, bimi.Config(model="comirec-sa"))
+    assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(
+        (user @ table.T)[:, 1:], target - 1).item(), rel=1e-5)
+    sampled = bimi.Config(loss="sampled", negatives=10)
+    gen = torch.Generator().manual_seed(1)
+    negatives = torch.randint(1, 31, (10,), generator=torch.Generator().manual_seed(1))
+    logits = torch.cat([(user * table[target]).sum(1, keepdim=True), user @ table[negatives].T], 1)
+    logits[:, 1:][negatives.unsqueeze(0) == target.unsqueeze(1)] = -math.inf
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+    assert bimi.recommendation_loss(user, target, table, sampled, gen).item() == pytest.approx(expected.item())
+
+
+def test_routing_regularizer_against_loop():
+    g = torch.Generator().manual_seed(0)
+    hist = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
+    attention = torch.rand(2, 3, 4, generator=g).masked_fill(hist.unsqueeze(1) == 0, 0)
+    total = 0.0
+    for b in range(2):
+        n = int((hist[b] > 0).sum())
+        for k in range(3):
+            a = attention[b, k, :n]
+            total += float(((a - a.mean()) ** 2).mean()) ** 2
+    assert bimi.routing_regularizer(attention, hist).item() == pytest.approx(total / 2, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- real training on synthetic
+
+
+def quick_cfg(synthetic_dir, tmp_path, **kw):
+    base = dict(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"), max_epochs=4,
+                patience=2, batch_size=256, lr=0.01)
+    base.update(kw)
+    return bimi.Config(**base)
+
+
+def test_every_encoder_beats_popularity_on_synthetic(synthetic_dir, tmp_path):
+    data = bimi.load_dataset(synthetic_dir, "synthetic")
+    pop = bimi.popularity_metrics(bimi.make_split(data, "loo"), data.n_items)
+    for model in bimi.MODELS:
+        out = bimi.train(quick_cfg(synthetic_dir, tmp_path, model=model))
+        test = json.load(open(os.path.join(out, "metrics.json")))["test"]
+        assert test["recall@20"] > 1.5 * pop["recall@20"], (model, test["recall@20"], pop["recall@20"])
+
+
+def test_same_seed_same_metrics_and_finished_runs_are_reused(synthetic_dir, tmp_path):
+    cfg = quick_cfg(synthetic_dir, tmp_path, max_epochs=2, model="mind")
+    first = json.load(open(os.path.join(bimi.train(cfg), "metrics.json")))
+    out = bimi.train(cfg, force=True)
+    second = json.load(open(os.path.join(out, "metrics.json")))
+    assert first["test"] == second["test"] and first["valid"] == second["valid"]
+    mtime = os.path.getmtime(os.path.join(out, "metrics.json"))
+    assert bimi.train(cfg) == out and os.path.getmtime(os.path.join(out, "metrics.json")) == mtime
+    saved = json.load(open(os.path.join(out, "config.json")))["config"]
+    assert saved == bimi.dataclasses.asdict(cfg)
+    state = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert "items.weight" in state
+    other = bimi.train(bimi.dataclasses.replace(cfg, seed=2))
+    assert other != out
+
+
+def test_user_protocol_trains_and_reports_all_cutoffs(synthetic_dir, tmp_path):
+    out = bimi.train(quick_cfg(synthetic_dir, tmp_path, protocol="user", max_epochs=2))
+    test = json.load(open(os.path.join(out, "metrics.json")))["test"]
+    assert set(test) == {f"{m}@{n}" for m in ("recall", "ndcg", "hitrate") for n in (10, 20, 50)}
+    assert test["hitrate@50"] >= test["recall@50"] > 0
+
+
+def test_ctrl_c_leaves_a_readable_record(synthetic_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "bimi.py"), "train", "--dataset", "synthetic", "--data_dir",
+           synthetic_dir, "--out_dir", str(tmp_path / "runs"), "--max_epochs", "100", "--patience", "100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch   1"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[0]
+    assert "interrupted" in rest
+    (metrics,) = [os.path.join(r, f, "metrics.json") for r, ds, fs in os.walk(tmp_path / "runs") for f in ds
+                  if os.path.exists(os.path.join(r, f, "metrics.json"))]
+    record = json.load(open(metrics))
+    assert record["status"] == "interrupted" and len(record["epochs"]) >= 1
+
+
+def test_unknown_and_mistyped_options_are_errors():
+    with pytest.raises(SystemExit, match="unknown option --lernrate"):
+        bimi.parse_overrides(["--lernrate", "1"], bimi.Config())
+    with pytest.raises(SystemExit, match="--lr expects float"):
+        bimi.parse_overrides(["--lr", "fast"], bimi.Config())
+    cfg, ecfg = bimi.parse_overrides(["--lr", "0.01", "--clusters", "7"], bimi.Config(), bimi.EsimConfig())
+    assert cfg.lr == 0.01 and ecfg.clusters == 7
