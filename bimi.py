@@ -62,14 +62,14 @@ class Config:
     negatives: int = 1000           # shared uniform negatives per batch when loss = "sampled"
     batch_size: int = 512           # training examples per step
     lr: float = 0.006               # Adam step size; 6x the usual 1e-3 nears the plateau in 5-6 epochs on Beauty
-    max_epochs: int = 7             # time budget: validation Recall@20 gains < 1 % after epoch 6 on Beauty
+    max_epochs: int = 7             # time budget (36 runs in 90 min on 2 cores): ComiRec-SA peaks by then on Beauty; MIND, DR still climb
     patience: int = 2               # epochs without validation gain before stopping
     select_metric: str = "recall@20"  # validation metric for early stopping (or "ndcg@20")
     eval_batch: int = 256           # users scored at once in evaluation (bounds memory; cache-sized is fastest on CPU)
     seed: int = 1                   # initialisation, shuffling and sampling
     device: str = "auto"            # "auto" (CUDA when present), "cpu" or "cuda"
     # EIMF
-    eimf: str = ""                  # "" trains the backbone alone; "categories" or "llm" adds ESIM's tasks
+    eimf: str = ""                  # "" trains the backbone alone; "categories" or "llm": ESIM's backend, whose tasks are added
     lambda_align: float = 0.1       # weight of modality alignment (METHOD.md section 5)
     lambda_pred: float = 0.5        # weight of semantic prediction (tuned on validation only)
     tau: float = 0.1                # InfoNCE temperature of the alignment
@@ -124,12 +124,7 @@ def parse_overrides(args, *configs):
         cfg = fields[key]
         kind = type(getattr(cfg, key))
         try:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                value = text.lower() in ("true", "1")
-            else:
-                value = kind(text)
+            value = kind(text)
         except ValueError:
             raise SystemExit(f"error: --{key} expects {kind.__name__}, got {text!r}") from None
         setattr(cfg, key, value)
@@ -153,6 +148,13 @@ def write_json(path, obj):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp.")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def save_atomic(state, path):
+    """torch.save through a temporary file, so that an interrupt never leaves half a model."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 
@@ -310,7 +312,7 @@ def make_split(data, protocol="loo", max_len=20, split_seed=1230):
             return eval_set(users, [seqs[u - 1][:c] for u, c in zip(users, cut)],
                             [seqs[u - 1][c:] for u, c in zip(users, cut)], max_len)
         valid, test = held_out(order[n1:n2]), held_out(order[n2:])
-        if not (len(valid.users) and len(test.users) and (valid.targets > 0).any(1).all()):
+        if not all(len(e.users) and (e.targets > 0).any(1).all() for e in (valid, test)):
             raise DataError("the user split needs validation and test users with at least 2 items each")
     else:
         raise DataError(f"unknown protocol {protocol!r}: use loo or user")
@@ -446,9 +448,9 @@ class LLMClient:
                     except ValueError:
                         pass
                 else:
-                    raise LLMError(f"{url} (model {model}) refused the request: HTTP {r.status_code}: "
-                                   f"{r.text[:300].strip()}")
-            except (requests.ConnectionError, requests.Timeout) as e:
+                    text = r.text[:300].strip().replace(self._key, "***") if self._key else r.text[:300].strip()
+                    raise LLMError(f"{url} (model {model}) refused the request: HTTP {r.status_code}: {text}")
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
                 problem = type(e).__name__
             if attempt == self.cfg.max_retries:
                 raise LLMError(f"{url} (model {model}): giving up after {attempt + 1} attempts, last: {problem}")
@@ -637,8 +639,65 @@ def user_representations(model, split, users, max_len, device):
     return F.normalize(torch.cat(reps), dim=1)
 
 
+def explicit_interests(data, split, typical, ecfg, client, out):
+    """Interests (name, description) of each typical user, or None for a user whose replies could
+    not be parsed (written to failures.jsonl). Prompts and interests are saved in `out`."""
+    def work(n):
+        seq = split.train_seqs[typical[n]["user"]]
+        if ecfg.backend == "categories":
+            return category_interests(data, seq, ecfg.semantic_interests), None
+        try:
+            return llm_interests(client, data, seq, ecfg.semantic_interests, ecfg.prompt_items), None
+        except ParseError as e:
+            return None, str(e)
+
+    if ecfg.backend == "llm":
+        with open(os.path.join(out, "prompts.jsonl"), "w") as f:
+            for t in typical:
+                messages = render_prompt(data, split.train_seqs[t["user"]], ecfg.semantic_interests, ecfg.prompt_items)
+                f.write(json.dumps({"user": t["user"], "messages": messages}) + "\n")
+    progress = Progress(len(typical), client)
+    results, failures = [], []
+    with concurrent.futures.ThreadPoolExecutor(ecfg.concurrency if ecfg.backend == "llm" else 1) as pool:
+        for t, (interests, error) in zip(typical, pool.map(work, range(len(typical)))):
+            results.append(interests)
+            if error:
+                failures.append({"user": t["user"], "error": error})
+            progress.step(failed=bool(error))
+    with open(os.path.join(out, "failures.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in failures)
+    if len(failures) > 0.2 * len(typical):
+        raise SystemExit(f"error: {len(failures)} of {len(typical)} LLM replies could not be parsed "
+                         f"(see {out}/failures.jsonl); check the model and prompts/ before spending more")
+    with open(os.path.join(out, "interests.jsonl"), "w") as f:
+        for t, interests in zip(typical, results):
+            if interests:
+                f.write(json.dumps({"user": t["user"], "interests": [
+                    {"name": a, "description": b} for a, b in interests]}) + "\n")
+    return results, failures
+
+
+def semantic_labels(vectors, owner, clusters_of_typical, assign, n_clusters, n_prototypes, seed, restarts):
+    """METHOD.md section 4.6: prototypes by k-means over the interest vectors; a typical user's
+    multi-hot label over prototypes; a behaviour cluster's label is the mean over its typical users;
+    each user inherits its cluster's. Returns prototypes (P, D), labels (n, P), labelled (n,)."""
+    prototypes, text_proto, _ = kmeans(torch.from_numpy(vectors), n_prototypes, restarts, seed=seed)
+    multi_hot = np.zeros((len(clusters_of_typical), n_prototypes), dtype=np.float32)
+    multi_hot[owner, text_proto.numpy()] = 1
+    cluster_label = np.zeros((n_clusters, n_prototypes), dtype=np.float32)
+    cluster_count = np.zeros(n_clusters)
+    np.add.at(cluster_label, clusters_of_typical, multi_hot)
+    np.add.at(cluster_count, clusters_of_typical, 1)
+    cluster_label /= np.maximum(cluster_count, 1)[:, None]
+    return prototypes.numpy(), cluster_label[assign], cluster_count[assign] > 0
+
+
 def run_esim(cfg, ecfg, log=print):
     """ESIM for the backbone of `cfg` (its seed replaced by ecfg.backbone_seed); cached by identity."""
+    for key, allowed in (("backend", ("llm", "categories")), ("embedder", ("api", "hash")),
+                         ("typical", ("clustered", "random"))):
+        if getattr(ecfg, key) not in allowed:
+            raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(ecfg, key)!r}")
     backbone_cfg = dataclasses.replace(cfg, eimf="", seed=ecfg.backbone_seed)
     backbone_dir = train(backbone_cfg, log=log)
     ident = {"backbone": identity(backbone_cfg), "esim": identity(ecfg)}
@@ -656,6 +715,8 @@ def run_esim(cfg, ecfg, log=print):
     model = make_model(backbone_cfg, data.n_items).to(device)
     model.load_state_dict(torch.load(os.path.join(backbone_dir, "model.pt"), map_location=device, weights_only=True))
     model.eval()
+
+    # behaviour clusters and typical users
     users = np.array(sorted(split.train_seqs))
     lengths = np.array([len(split.train_seqs[u]) for u in users])
     reps = user_representations(model, split, users, cfg.max_len, device)
@@ -665,78 +726,38 @@ def run_esim(cfg, ecfg, log=print):
         f"(inertia {inertia:.1f})")
     if ecfg.typical == "clustered":
         chosen = select_typical(reps, assign, centroids, lengths, ecfg.per_cluster, ecfg.min_len)
-    elif ecfg.typical == "random":  # ablation: as many users, drawn at random
+    else:  # ablation: as many users, drawn at random
         rows = np.random.default_rng(ecfg.backbone_seed).choice(len(users), ecfg.clusters * ecfg.per_cluster,
                                                                  replace=False)
         chosen = [(int(r), int(assign[r]), float("nan")) for r in sorted(rows)]
-    else:
-        raise SystemExit(f"error: --typical must be clustered or random, got {ecfg.typical!r}")
     typical = [{"user": int(users[r]), "cluster": c, "distance": d, "train_items": int(lengths[r])}
                for r, c, d in chosen]
     write_json(os.path.join(out, "typical_users.json"), typical)
 
-    # explicit interests of each typical user
+    # their explicit interests, embedded
     client = LLMClient(ecfg, log) if ecfg.backend == "llm" or ecfg.embedder == "api" else None
     log(f"ESIM: {ecfg.backend} interests for {len(typical)} typical users")
-    progress = Progress(len(typical), client)
-    results, failures = [None] * len(typical), []
-
-    def work(n):
-        seq = split.train_seqs[typical[n]["user"]]
-        if ecfg.backend == "categories":
-            return n, category_interests(data, seq, ecfg.semantic_interests), None
-        try:
-            return n, llm_interests(client, data, seq, ecfg.semantic_interests, ecfg.prompt_items), None
-        except ParseError as e:
-            return n, None, str(e)
-
-    if ecfg.backend not in ("llm", "categories"):
-        raise SystemExit(f"error: --backend must be llm or categories, got {ecfg.backend!r}")
-    with concurrent.futures.ThreadPoolExecutor(ecfg.concurrency if ecfg.backend == "llm" else 1) as pool:
-        for n, interests, error in pool.map(work, range(len(typical))):
-            results[n] = interests
-            if error:
-                failures.append({"user": typical[n]["user"], "error": error})
-            progress.step(failed=bool(error))
-    with open(os.path.join(out, "failures.jsonl"), "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in failures)
-    if len(failures) > 0.2 * len(typical):
-        raise SystemExit(f"error: {len(failures)} of {len(typical)} LLM replies could not be parsed "
-                         f"(see {out}/failures.jsonl); check the model and prompts/ before spending more")
-    kept = [n for n in range(len(typical)) if results[n]]
+    results, failures = explicit_interests(data, split, typical, ecfg, client, out)
+    kept = [n for n, r in enumerate(results) if r]
     texts = [f"{name}: {desc}" for n in kept for name, desc in results[n]]
-    owner = np.array([n for n in kept for _ in results[n]])  # typical-user index of each text
-    with open(os.path.join(out, "interests.jsonl"), "w") as f:
-        for n in kept:
-            f.write(json.dumps({"user": typical[n]["user"], "interests": [
-                {"name": a, "description": b} for a, b in results[n]]}) + "\n")
+    owner = np.array([row for row, n in enumerate(kept) for _ in results[n]])  # kept-user row of each text
     vectors = client.embed(texts) if ecfg.embedder == "api" else hash_embed(texts, ecfg.hash_dim)
 
-    # semantic prototypes and soft labels (METHOD.md section 4.6)
-    proto, text_proto, _ = kmeans(torch.from_numpy(vectors), ecfg.prototypes, ecfg.kmeans_restarts,
-                                  seed=ecfg.backbone_seed)
-    multi_hot = np.zeros((len(typical), ecfg.prototypes), dtype=np.float32)
-    multi_hot[owner, text_proto.numpy()] = 1
-    cluster_label = np.zeros((ecfg.clusters, ecfg.prototypes), dtype=np.float32)
-    cluster_count = np.zeros(ecfg.clusters)
-    for n in kept:
-        cluster_label[typical[n]["cluster"]] += multi_hot[n]
-        cluster_count[typical[n]["cluster"]] += 1
-    cluster_label /= np.maximum(cluster_count, 1)[:, None]
-    labels = np.zeros((len(data.sequences) + 1, ecfg.prototypes), dtype=np.float32)  # row = user id
+    # semantic prototypes and labels; rows of `labels` are user ids
+    prototypes, user_labels, user_labelled = semantic_labels(
+        vectors, owner, np.array([typical[n]["cluster"] for n in kept]), assign.cpu().numpy(), ecfg.clusters,
+        ecfg.prototypes, ecfg.backbone_seed, ecfg.kmeans_restarts)
+    labels = np.zeros((len(data.sequences) + 1, ecfg.prototypes), dtype=np.float32)
     labelled = np.zeros(len(data.sequences) + 1, dtype=bool)
-    assign_np = assign.cpu().numpy()
-    labels[users] = cluster_label[assign_np]
-    labelled[users] = cluster_count[assign_np] > 0
+    labels[users], labelled[users] = user_labels, user_labelled
     width = max(len(results[n]) for n in kept)
-    semantic = np.zeros((len(kept), width, vectors.shape[1]), dtype=np.float32)
+    semantic = np.zeros((len(kept), width, vectors.shape[1]), dtype=np.float32)  # (typical, K_s, D)
     semantic_mask = np.zeros((len(kept), width), dtype=bool)
-    for row, n in enumerate(kept):
-        rows = np.flatnonzero(owner == n)
-        semantic[row, :len(rows)] = vectors[rows]
-        semantic_mask[row, :len(rows)] = True
+    for row in range(len(kept)):
+        semantic[row, :(owner == row).sum()] = vectors[owner == row]
+        semantic_mask[row, :(owner == row).sum()] = True
     np.savez(os.path.join(out, "esim.npz"), typical_users=np.array([typical[n]["user"] for n in kept]),
-             semantic=semantic, semantic_mask=semantic_mask, prototypes=proto.numpy(),
+             semantic=semantic, semantic_mask=semantic_mask, prototypes=prototypes,
              labels=labels, labelled=labelled, vectors=vectors)
     summary = {"typical_users": len(typical), "parsed": len(kept), "failures": len(failures),
                "texts": len(texts), "text_dim": int(vectors.shape[1]),
@@ -958,7 +979,7 @@ def metrics_from_ranks(ranks, n_targets, cutoffs):
 
 
 @torch.no_grad()
-def evaluate(model, evalset, device, batch=1024, cutoffs=(10, 20, 50)):
+def evaluate(model, evalset, device, batch=256, cutoffs=(10, 20, 50)):
     model.eval()
     totals = {}
     for i in range(0, len(evalset.users), batch):
@@ -972,8 +993,8 @@ def evaluate(model, evalset, device, batch=1024, cutoffs=(10, 20, 50)):
 
 def popularity_metrics(split, n_items, cutoffs=(10, 20, 50)):
     """The floor every encoder must beat: rank items by training frequency."""
-    counts = torch.bincount(torch.from_numpy(split.train_target), minlength=n_items + 1).float()
-    counts += torch.bincount(torch.from_numpy(split.train_hist[:, 0]), minlength=n_items + 1).float()
+    counts = torch.bincount(torch.from_numpy(np.concatenate(list(split.train_seqs.values()))),
+                            minlength=n_items + 1).float()
     ev = split.test
     scores = counts.expand(len(ev.users), -1).clone()
     scores[:, 0] = -torch.inf
@@ -1046,7 +1067,7 @@ class Log:
 
 def train(cfg, ecfg=None, force=False, log=print):
     """Train (or reuse) one run; returns its folder. EIMF runs build their ESIM first."""
-    ecfg = ecfg or EsimConfig()
+    ecfg = dataclasses.replace(ecfg or EsimConfig(), **({"backend": cfg.eimf} if cfg.eimf else {}))
     out = run_dir(cfg, ecfg)
     metrics_path = os.path.join(out, "metrics.json")
     if not force and os.path.exists(metrics_path):
@@ -1055,8 +1076,6 @@ def train(cfg, ecfg=None, force=False, log=print):
                 log(f"reusing finished run {out}")
                 return out
     esim_dir = run_esim(cfg, ecfg, log) if cfg.eimf else None
-    if cfg.eimf and cfg.eimf != ecfg.backend:
-        raise SystemExit(f"error: --eimf {cfg.eimf} but --backend {ecfg.backend}; give the same backend to both")
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "log.txt")):
         os.remove(os.path.join(out, "log.txt"))
@@ -1100,9 +1119,9 @@ def train(cfg, ecfg=None, force=False, log=print):
             if improved:
                 best, bad_epochs, record["best_epoch"], record["valid"] = score, 0, epoch, valid
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                torch.save(best_state, os.path.join(out, "model.pt"))
+                save_atomic(best_state, os.path.join(out, "model.pt"))
                 if semantics:
-                    torch.save(semantics.head.state_dict(), os.path.join(out, "heads.pt"))
+                    save_atomic(semantics.head.state_dict(), os.path.join(out, "heads.pt"))
             else:
                 bad_epochs += 1
             write_json(metrics_path, record)

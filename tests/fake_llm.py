@@ -26,9 +26,9 @@ class FakeLLM:
     """`script` holds behaviours for the next requests (FIFO), default "ok": 429, 500, hang, drop,
     badjson, prose, wrong_count, 401, 404, block (never answers until released)."""
 
-    def __init__(self, n_interests=4, hang_s=3.0):
+    def __init__(self, n_interests=4, hang_s=3.0, verbose=False):
         self.script, self.log, self.completed = [], [], []
-        self.n_interests, self.hang_s = n_interests, hang_s
+        self.n_interests, self.hang_s, self.verbose = n_interests, hang_s, verbose
         self.lock, self.release = threading.Lock(), threading.Event()
         server = self
 
@@ -61,6 +61,8 @@ class FakeLLM:
         handler.wfile.write(data)
         with self.lock:
             self.completed.append((handler.path.rsplit("/", 1)[-1], status))
+            if self.verbose:
+                print(f"{handler.path} {status}", flush=True)
 
     def respond(self, handler, kind, body, behaviour):
         if behaviour == "429":
@@ -104,7 +106,7 @@ class FakeLLM:
 
 
 if __name__ == "__main__":
-    server = FakeLLM()
+    server = FakeLLM(verbose=True)  # one line per answered request
     print(f"fake OpenAI-compatible server at {server.url}", flush=True)
     try:
         while True:
