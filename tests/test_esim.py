@@ -3,6 +3,7 @@ scriptable server on 127.0.0.1, the persistent cache, a SIGKILL mid-run, and no 
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,13 @@ def server():
     s.close()
 
 
+@pytest.fixture
+def server4():
+    s = FakeLLM(n_interests=4)
+    yield s
+    s.close()
+
+
 def client_for(server, tmp_path, **kw):
     ecfg = bimi.EsimConfig(base_url=server.url, cache_dir=str(tmp_path / "cache"), retry_wait=0.01, timeout=1.0,
                            max_retries=3, **kw)
@@ -219,82 +227,73 @@ def test_esim_categories_hash_outputs(synthetic_dir, tmp_path):
     assert bimi.run_esim(cfg, ecfg) == out  # reused
 
 
-def test_esim_llm_request_counts_cache_and_no_leakage(synthetic_dir, tmp_path, monkeypatch, capsys):
+def test_esim_llm_request_counts_cache_and_no_leakage(synthetic_dir, tmp_path, server4, monkeypatch, capsys):
+    server = server4
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-456")
-    server = FakeLLM(n_interests=4)
-    try:
-        cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
-        out = bimi.run_esim(cfg, ecfg)
-        chats = [r for r in server.log if r["kind"] == "completions"]
-        assert len(chats) == ecfg.clusters * ecfg.per_cluster
-        n_texts = json.load(open(os.path.join(out, "summary.json")))["texts"]
-        assert server.count("embeddings") == -(-n_texts // ecfg.embed_batch)
-        # every prompt lists the typical user's training items only, never validation or test items
-        data = bimi.load_dataset(synthetic_dir, "synthetic")
-        split = bimi.make_split(data, "loo")
-        typical = {t["user"] for t in json.load(open(os.path.join(out, "typical_users.json")))}
-        prompts = {json.dumps(bimi.render_prompt(data, split.train_seqs[u], 4, 20)): u for u in typical}
-        for r in chats:
-            u = prompts[json.dumps(r["body"]["messages"])]
-            train_texts = {bimi.item_text(data, int(i)) for i in split.train_seqs[u][-20:]}
-            listed = [line.split(". ", 1)[1] for line in r["body"]["messages"][1]["content"].splitlines()
-                      if line[:1].isdigit()]
-            assert set(listed) == train_texts
-            for held_out in data.sequences[u - 1][-2:]:
-                assert bimi.item_text(data, int(held_out)) not in listed or \
-                    bimi.item_text(data, int(held_out)) in train_texts
-        # a second ESIM from scratch: every request is a cache hit
-        n_before = len(server.log)
-        import shutil
-        shutil.rmtree(out)
-        again = bimi.run_esim(cfg, ecfg)
-        assert len(server.log) == n_before
-        assert json.load(open(os.path.join(again, "summary.json")))["requests"] == 0
-        for folder in (tmp_path / "runs", tmp_path / "cache"):
-            for root, _, files in os.walk(folder):
-                for f in files:
-                    assert b"SECRET" not in open(os.path.join(root, f), "rb").read()
-        assert "SECRET" not in capsys.readouterr().out
-    finally:
-        server.close()
+    cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
+    out = bimi.run_esim(cfg, ecfg)
+    chats = [r for r in server.log if r["kind"] == "completions"]
+    assert len(chats) == ecfg.clusters * ecfg.per_cluster
+    n_texts = json.load(open(os.path.join(out, "summary.json")))["texts"]
+    assert server.count("embeddings") == -(-n_texts // ecfg.embed_batch)
+    # every prompt lists the typical user's training items only, never validation or test items
+    data = bimi.load_dataset(synthetic_dir, "synthetic")
+    split = bimi.make_split(data, "loo")
+    typical = {t["user"] for t in json.load(open(os.path.join(out, "typical_users.json")))}
+    prompts = {json.dumps(bimi.render_prompt(data, split.train_seqs[u], 4, 20)): u for u in typical}
+    for r in chats:
+        u = prompts[json.dumps(r["body"]["messages"])]
+        train_texts = {bimi.item_text(data, int(i)) for i in split.train_seqs[u][-20:]}
+        listed = [line.split(". ", 1)[1] for line in r["body"]["messages"][1]["content"].splitlines()
+                  if line[:1].isdigit()]
+        assert set(listed) == train_texts
+        for held_out in data.sequences[u - 1][-2:]:
+            assert bimi.item_text(data, int(held_out)) not in listed or \
+                bimi.item_text(data, int(held_out)) in train_texts
+    # a second ESIM from scratch: every request is a cache hit
+    n_before = len(server.log)
+
+    shutil.rmtree(out)
+    again = bimi.run_esim(cfg, ecfg)
+    assert len(server.log) == n_before
+    assert json.load(open(os.path.join(again, "summary.json")))["requests"] == 0
+    for folder in (tmp_path / "runs", tmp_path / "cache"):
+        for root, _, files in os.walk(folder):
+            for f in files:
+                assert b"SECRET" not in open(os.path.join(root, f), "rb").read()
+    assert "SECRET" not in capsys.readouterr().out
 
 
-def test_too_many_unparsable_replies_stop_the_run(synthetic_dir, tmp_path):
-    server = FakeLLM(n_interests=4)
-    try:
-        cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
-        server.script = ["wrong_count"] * 40
-        with pytest.raises(SystemExit, match="could not be parsed"):
-            bimi.run_esim(cfg, ecfg)
-        out = [d for d in os.listdir(tmp_path / "runs" / "synthetic") if d.startswith("esim-")][0]
-        failures = open(tmp_path / "runs" / "synthetic" / out / "failures.jsonl").read().splitlines()
-        assert len(failures) > 8
-    finally:
-        server.close()
-
-
-def test_sigkill_mid_run_resumes_without_repeating_finished_requests(synthetic_dir, tmp_path):
-    server = FakeLLM(n_interests=4)
-    try:
-        cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
-        bimi.train(cfg)  # the backbone the subprocess will read
-        server.script = ["ok"] * 5 + ["block"]
-        cmd = [sys.executable, os.path.join(ROOT, "bimi.py"), "esim", "--dataset", "synthetic",
-               "--data_dir", synthetic_dir, "--out_dir", cfg.out_dir, "--max_epochs", "2",
-               "--clusters", "10", "--per_cluster", "4", "--prototypes", "8", "--backend", "llm",
-               "--embedder", "api", "--base_url", server.url, "--cache_dir", ecfg.cache_dir, "--concurrency", "1"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while len(server.log) < 6 and time.time() < deadline:
-            time.sleep(0.05)
-        assert len(server.log) == 6  # 5 answered, the 6th is held open
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        server.release.set()
-        server.script = []
+def test_too_many_unparsable_replies_stop_the_run(synthetic_dir, tmp_path, server4):
+    server = server4
+    cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
+    server.script = ["wrong_count"] * 40
+    with pytest.raises(SystemExit, match="could not be parsed"):
         bimi.run_esim(cfg, ecfg)
-        chats = [r for r in server.log if r["kind"] == "completions"]
-        distinct = {json.dumps(r["body"]["messages"]) for r in chats}
-        assert server.count("completions") == len(distinct) == 40
-    finally:
-        server.close()
+    out = [d for d in os.listdir(tmp_path / "runs" / "synthetic") if d.startswith("esim-")][0]
+    failures = open(tmp_path / "runs" / "synthetic" / out / "failures.jsonl").read().splitlines()
+    assert len(failures) > 8
+
+
+def test_sigkill_mid_run_resumes_without_repeating_finished_requests(synthetic_dir, tmp_path, server4):
+    server = server4
+    cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
+    bimi.train(cfg)  # the backbone the subprocess will read
+    server.script = ["ok"] * 5 + ["block"]
+    cmd = [sys.executable, os.path.join(ROOT, "bimi.py"), "esim", "--dataset", "synthetic",
+           "--data_dir", synthetic_dir, "--out_dir", cfg.out_dir, "--max_epochs", "2",
+           "--clusters", "10", "--per_cluster", "4", "--prototypes", "8", "--backend", "llm",
+           "--embedder", "api", "--base_url", server.url, "--cache_dir", ecfg.cache_dir, "--concurrency", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(server.log) < 6 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(server.log) == 6  # 5 answered, the 6th is held open
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    server.release.set()
+    server.script = []
+    bimi.run_esim(cfg, ecfg)
+    chats = [r for r in server.log if r["kind"] == "completions"]
+    distinct = {json.dumps(r["body"]["messages"]) for r in chats}
+    assert server.count("completions") == len(distinct) == 40
