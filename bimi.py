@@ -12,6 +12,7 @@ encoders (IBIM backbones), losses, evaluation, training, command line.
 """
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -508,7 +509,9 @@ class ParseError(ValueError):
     pass
 
 
+@functools.lru_cache(maxsize=None)
 def load_prompt(name):
+    """A template from prompts/, read once per process."""
     with open(os.path.join(PROMPTS, name), encoding="utf-8") as f:
         return string.Template(f.read())
 
