@@ -332,45 +332,46 @@ def split_summary(data, split, protocol):
 # k-means (from scratch: k-means++ seeding, Lloyd iterations, restarts)
 
 
-def squared_distances(x, centroids, chunk=65536):
-    """(n, k) would not fit for big n: yield (slice, squared distances) one matrix product per chunk."""
-    c_norm = (centroids * centroids).sum(1)
-    for start in range(0, len(x), chunk):
-        xs = x[start:start + chunk]
-        d2 = (xs * xs).sum(1, keepdim=True) - 2 * xs @ centroids.T + c_norm
-        yield slice(start, start + len(xs)), d2.clamp_min_(0)
-
-
-def assign_points(x, centroids):
-    """Nearest centroid and squared distance of every point."""
+def assign_points(x, centroids, x_sq, chunk=65536):
+    """Nearest centroid and squared distance of every point, one matrix product per chunk of rows
+    (bounded memory). x_sq: (n,) squared norms of the points, computed once per k-means run; as it
+    is constant along a row it is added after the argmin, to the minimum only."""
+    c_sq = (centroids * centroids).sum(1)
     assign = torch.empty(len(x), dtype=torch.long, device=x.device)
     dist = torch.empty(len(x), dtype=x.dtype, device=x.device)
-    for rows, d2 in squared_distances(x, centroids):
-        dist[rows], assign[rows] = d2.min(1)
+    for start in range(0, len(x), chunk):
+        rows = slice(start, min(start + chunk, len(x)))
+        partial = torch.addmm(c_sq, x[rows], centroids.T, alpha=-2)  # (chunk, k): |c|^2 - 2<x, c>
+        dist[rows], assign[rows] = partial.min(1)
+    dist.add_(x_sq).clamp_min_(0)
     return assign, dist
 
 
 def kmeans_pp(x, k, gen):
     """k-means++ seeding: each new centre drawn with probability proportional to D(x)^2."""
+    x_sq = (x * x).sum(1)
     first = torch.randint(len(x), (1,), generator=gen).item()
     centroids = x[first:first + 1]
-    dist = assign_points(x, centroids)[1]
+    dist = assign_points(x, centroids, x_sq)[1]
     for _ in range(1, k):
-        weights = dist.cpu().double()
-        pick = (torch.multinomial(weights, 1, generator=gen).item() if weights.sum() > 0
+        # inverse-CDF draw (first point whose cumulative weight exceeds u): 4x cheaper than torch.multinomial
+        cumulative = dist.cpu().double().cumsum(0)
+        u = torch.rand(1, dtype=torch.float64, generator=gen) * cumulative[-1]
+        pick = (min(int(torch.searchsorted(cumulative, u, right=True)), len(x) - 1) if cumulative[-1] > 0
                 else torch.randint(len(x), (1,), generator=gen).item())
         centroids = torch.cat([centroids, x[pick:pick + 1]])
-        dist = torch.minimum(dist, assign_points(x, centroids[-1:])[1])
+        dist = torch.minimum(dist, assign_points(x, centroids[-1:], x_sq)[1])
     return centroids
 
 
 def lloyd(x, centroids, max_iter=100, tol=1e-4):
     """Lloyd iterations from given centroids. Returns centroids, assignment, inertia, inertia history."""
     k = len(centroids)
+    x_sq = (x * x).sum(1)
     history = []
     min_shift = tol * x.var(0).sum().item()  # converged when centroids move less than this (squared)
     for _ in range(max_iter):
-        assign, dist = assign_points(x, centroids)
+        assign, dist = assign_points(x, centroids, x_sq)
         history.append(dist.sum().item())
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
@@ -382,7 +383,7 @@ def lloyd(x, centroids, max_iter=100, tol=1e-4):
         centroids = new
         if shift <= min_shift and not len(empty):
             break
-    assign, dist = assign_points(x, centroids)
+    assign, dist = assign_points(x, centroids, x_sq)
     history.append(dist.sum().item())
     return centroids, assign, history[-1], history
 

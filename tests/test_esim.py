@@ -67,12 +67,23 @@ def test_kmeans_is_determined_by_seed_and_keeps_best_restart():
     assert many <= a[2]
 
 
-def test_chunked_distances_equal_direct():
+def test_kmeans_pp_never_draws_a_point_at_zero_distance():
+    # 5 sites with 30 copies each: a D^2 draw can only land on a site not yet chosen
+    sites = torch.tensor([[0., 0], [10, 0], [0, 10], [10, 10], [5, 5]])
+    x = sites.repeat_interleave(30, 0)
+    for seed in range(20):
+        centroids = bimi.kmeans_pp(x, 5, torch.Generator().manual_seed(seed))
+        assert sorted(map(tuple, centroids.tolist())) == sorted(map(tuple, sites.tolist()))
+
+
+def test_chunked_assignment_equals_brute_force():
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(1000, 8, generator=g), torch.randn(7, 8, generator=g)
-    direct = torch.cdist(x, c) ** 2
-    got = torch.cat([d2 for _, d2 in bimi.squared_distances(x, c, chunk=97)])
-    torch.testing.assert_close(got, direct, rtol=1e-4, atol=1e-4)
+    assign, dist = bimi.assign_points(x, c, (x * x).sum(1), chunk=97)
+    for i in range(len(x)):
+        d2 = [float(((x[i] - c[j]) ** 2).sum()) for j in range(len(c))]
+        assert assign[i].item() == min(range(len(c)), key=d2.__getitem__)
+        assert abs(dist[i].item() - min(d2)) < 1e-4
 
 
 # ----------------------------------------------------------------------------- typical users, texts
