@@ -76,6 +76,14 @@ def test_kmeans_pp_never_draws_a_point_at_zero_distance():
         assert sorted(map(tuple, centroids.tolist())) == sorted(map(tuple, sites.tolist()))
 
 
+def test_kmeans_pp_draws_proportionally_to_squared_distance():
+    # 1,000 points at 0 and one each at 1 and 3: once 0 is drawn, 1 and 3 follow 1 : 9 (D^2)
+    x = torch.cat([torch.zeros(1000, 1), torch.tensor([[1.0], [3.0]])])
+    second = [bimi.kmeans_pp(x, 2, torch.Generator().manual_seed(s)) for s in range(600)]
+    second = [c[1, 0].item() for c in second if c[0, 0].item() == 0]
+    assert len(second) > 550 and abs(second.count(3.0) / len(second) - 0.9) < 0.05
+
+
 def test_chunked_assignment_equals_brute_force():
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(1000, 8, generator=g), torch.randn(7, 8, generator=g)
