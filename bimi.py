@@ -758,8 +758,9 @@ def run_esim(cfg, ecfg, log=print):
     semantic = np.zeros((len(kept), width, vectors.shape[1]), dtype=np.float32)  # (typical, K_s, D)
     semantic_mask = np.zeros((len(kept), width), dtype=bool)
     for row in range(len(kept)):
-        semantic[row, :(owner == row).sum()] = vectors[owner == row]
-        semantic_mask[row, :(owner == row).sum()] = True
+        texts_of_row = vectors[owner == row]
+        semantic[row, :len(texts_of_row)] = texts_of_row
+        semantic_mask[row, :len(texts_of_row)] = True
     np.savez(os.path.join(out, "esim.npz"), typical_users=np.array([typical[n]["user"] for n in kept]),
              semantic=semantic, semantic_mask=semantic_mask, prototypes=prototypes,
              labels=labels, labelled=labelled, vectors=vectors)
