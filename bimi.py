@@ -883,9 +883,8 @@ def recommendation_loss(user_vecs, targets, item_table, cfg, gen=None):
     negatives ("sampled"; uniform sampling makes the log-Q correction a constant, which cancels).
     With rbeta > 0 (REMI) negatives are reweighted by exp(rbeta * logit), weights averaging 1."""
     if cfg.loss == "full":
-        logits = user_vecs @ item_table.T                                  # (B, N + 1)
-        logits[:, 0] = -torch.inf                                          # padding is never a candidate
-        column = targets
+        logits = user_vecs @ item_table[1:].T                              # (B, N): padding is never a candidate
+        column = targets - 1
     elif cfg.loss == "sampled":
         negatives = torch.randint(1, len(item_table), (cfg.negatives,), generator=gen).to(targets.device)
         positive = (user_vecs * item_table[targets]).sum(-1, keepdim=True)
@@ -897,12 +896,12 @@ def recommendation_loss(user_vecs, targets, item_table, cfg, gen=None):
         raise SystemExit(f"error: --loss must be full or sampled, got {cfg.loss!r}")
     if cfg.model == "remi" and cfg.rbeta > 0:
         rows = torch.arange(len(targets), device=targets.device)
-        positive = logits[rows, column]
-        scaled = cfg.rbeta * logits.detach()
-        scaled[rows, column] = -torch.inf                                  # only negatives get weights
-        n_neg = torch.isfinite(scaled).sum(1, keepdim=True)
-        logits = logits + scaled.sub_(scaled.logsumexp(1, keepdim=True) - n_neg.log())  # + log w_j
-        logits[rows, column] = positive
+        log_w = cfg.rbeta * logits.detach()                                # (B, columns), no gradient
+        log_w[rows, column] = -torch.inf                                   # only negatives get weights
+        n_neg = (log_w > -torch.inf).sum(1, keepdim=True)                  # accidental hits are -inf too
+        log_w -= log_w.logsumexp(1, keepdim=True) - n_neg.log()            # weights average 1
+        log_w[rows, column] = 0                                            # the positive keeps its logit
+        logits = logits + log_w
     return F.cross_entropy(logits, column)
 
 

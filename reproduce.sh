@@ -20,6 +20,10 @@ else
   py=$here/.venv/bin/python
 fi
 
+# glibc hands every freed block back to the OS, so each CPU training step page-faults its
+# (batch x items) logits in again; keeping freed memory in the process makes a step 10-30 % faster
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-1073741824} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-1073741824}
+
 # data: prepared once, then reused (a --data_dir override points elsewhere)
 data_dir=data
 args=("$@")
