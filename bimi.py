@@ -63,7 +63,7 @@ class Config:
     negatives: int = 1000           # shared uniform negatives per batch when loss = "sampled"
     batch_size: int = 512           # training examples per step
     lr: float = 0.006               # Adam step size; 6x the usual 1e-3 nears the plateau in 5-6 epochs on Beauty
-    max_epochs: int = 7             # time budget (36 runs in 90 min on 2 cores): ComiRec-SA peaks by then on Beauty; MIND, DR still climb
+    max_epochs: int = 7             # time budget (the table's 33 runs took 69 min on 2 cores): ComiRec-SA peaks by then on Beauty; MIND, DR still climb
     patience: int = 2               # epochs without validation gain before stopping
     select_metric: str = "recall@20"  # validation metric for early stopping (or "ndcg@20")
     eval_batch: int = 256           # users scored at once in evaluation (bounds memory; cache-sized is fastest on CPU)
