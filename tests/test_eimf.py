@@ -134,21 +134,19 @@ def test_reproduce_demo_end_to_end_and_second_call_reuses_everything(tmp_path):
     assert "categories backend" in first.stdout
     result = json.load(open(tmp_path / "results" / "synthetic.json"))
     assert [r["row"] for r in result["rows"]] == [row[0] for row in bimi.ROWS]
+    tests = {r["row"]: [json.load(open(os.path.join(tmp_path, run, "metrics.json")))["test"] for run in r["runs"]]
+             for r in result["rows"]}
     for r in result["rows"]:
-        tests = [json.load(open(os.path.join(tmp_path, run, "metrics.json")))["test"] for run in r["runs"]]
-        assert len(tests) == 2 and tests[0]["recall@20"] > 0
+        assert len(tests[r["row"]]) == 2 and tests[r["row"]][0]["recall@20"] > 0
         for metric, (mean, std) in r["mean_std"].items():  # mean and sample std, by hand
-            a, b = tests[0][metric], tests[1][metric]
+            a, b = (t[metric] for t in tests[r["row"]])
             assert mean == pytest.approx((a + b) / 2) and std == pytest.approx(abs(a - b) / 2 ** 0.5)
-    backbone = {r["model"]: r["mean_std"] for r in result["rows"] if not r["eimf"]}
-    backbone_runs = {r["model"]: r["runs"] for r in result["rows"] if not r["eimf"]}
+    backbone = {r["model"]: r for r in result["rows"] if not r["eimf"]}
     for r in result["rows"]:
         if r["eimf"]:
-            base = backbone[r["model"]]["recall@20"][0]
+            base = backbone[r["model"]]["mean_std"]["recall@20"][0]
             assert r["gain_pct"]["recall@20"] == pytest.approx(100 * (r["mean_std"]["recall@20"][0] - base) / base)
-            for seed in range(2):
-                b = json.load(open(os.path.join(tmp_path, backbone_runs[r["model"]][seed], "metrics.json")))["test"]
-                e = json.load(open(os.path.join(tmp_path, r["runs"][seed], "metrics.json")))["test"]
+            for seed, (b, e) in enumerate(zip(tests[backbone[r["model"]]["row"]], tests[r["row"]])):
                 assert r["gain_per_seed_pct"]["ndcg@20"][seed] == pytest.approx(100 * (e["ndcg@20"] / b["ndcg@20"] - 1))
     table = open(tmp_path / "results" / "synthetic.md").read()
     assert all(row[0] in table for row in bimi.ROWS)
