@@ -12,8 +12,10 @@ encoders (IBIM backbones), losses, evaluation, training, command line.
 """
 import concurrent.futures
 import dataclasses
+import email.utils
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -91,32 +93,41 @@ class EsimConfig:
     semantic_interests: int = 4     # K_s interests asked of the LLM per typical user
     prototypes: int = 32            # P semantic prototypes
     kmeans_restarts: int = 4        # k-means restarts, the lowest inertia is kept
-    backbone_seed: int = 1          # seed of the backbone run that ESIM reads
+    esim_seed: int = 0              # backbone seed ESIM reads: 0 = each run's own seed; n = seed n's ESIM shared by all seeds
     prompt_items: int = 20          # most recent training items shown in a prompt
     hash_dim: int = 256             # width of the hashed TF-IDF vectors
-    base_url: str = ""              # endpoint; empty: $OPENAI_BASE_URL
+    base_url: str = ""              # endpoint, e.g. http://localhost:8000/v1; empty: $OPENAI_BASE_URL
     embed_base_url: str = ""        # separate endpoint for /embeddings; empty: $OPENAI_EMBED_BASE_URL or base_url
-    chat_model: str = ""            # empty: $BIMI_CHAT_MODEL or gpt-4o-mini
-    embed_model: str = ""           # empty: $BIMI_EMBED_MODEL or text-embedding-3-small
+    chat_model: str = ""            # empty: $BIMI_CHAT_MODEL or gpt-4o-mini (resolved into the saved config)
+    embed_model: str = ""           # empty: $BIMI_EMBED_MODEL or text-embedding-3-small (resolved likewise)
     temperature: float = 0.0        # sampling temperature of the chat model (0: most repeatable)
-    timeout: float = 60.0           # seconds per HTTP request
-    max_retries: int = 5            # retries on connection errors, timeouts, 429 and 5xx
+    max_tokens: int = 400           # reply length cap per chat request; 4 interests in JSON take about 150 tokens
+    timeout: float = 120.0          # seconds per HTTP request; a timed-out chat prompt fails that user, not re-sent
+    max_retries: int = 5            # retries on connection errors, 408, 409, 429 and 5xx
     retry_wait: float = 1.0         # seconds before the first retry, doubled each time (with jitter)
     concurrency: int = 4            # requests in flight at once
     embed_batch: int = 64           # texts per /embeddings request
     cache_dir: str = "cache"        # persistent request cache (one file per request)
 
 
-# Paths and batch sizes that do not change a run's results are left out of its identity.
+DEFAULT_CHAT_MODEL, DEFAULT_EMBED_MODEL = "gpt-4o-mini", "text-embedding-3-small"
+CHOICES = {  # fields with a fixed set of values, checked before anything is loaded
+    "protocol": ("loo", "user"), "model": MODELS, "loss": ("full", "sampled"), "device": ("auto", "cpu", "cuda"),
+    "select_metric": ("recall@20", "ndcg@20", "recall@50", "ndcg@50"), "eimf": ("", "categories", "llm"),
+    "backend": ("llm", "categories"), "embedder": ("api", "hash"), "typical": ("clustered", "random"),
+}
+# Paths and batch sizes that do not change a run's results are left out of its identity; the
+# device is replaced by its resolved type (CPU and CUDA runs differ in rounding).
 NOT_IDENTITY = ("data_dir", "out_dir", "device", "eval_batch")
 EIMF_FIELDS = ("eimf", "lambda_align", "lambda_pred", "tau", "align_batch")
 ESIM_NOT_IDENTITY = ("base_url", "embed_base_url", "timeout", "max_retries", "retry_wait", "concurrency", "cache_dir")
 
 
 def parse_overrides(args, *configs):
-    """Apply `--key value` pairs to the dataclasses; unknown keys and wrong types are errors."""
+    """Apply `--key value` pairs to the dataclasses. An unknown key, a value of the wrong type or
+    outside CHOICES is a SystemExit with one line naming the option (before any data is read)."""
     if len(args) % 2:
-        raise SystemExit(f"error: overrides come in --key value pairs, got {' '.join(args)}")
+        raise SystemExit(f"error: options come in --key value pairs, got {' '.join(args)}; see --help")
     fields = {f.name: c for c in configs for f in dataclasses.fields(c)}
     for flag, text in zip(args[::2], args[1::2]):
         key = flag.lstrip("-").replace("-", "_")
@@ -128,20 +139,87 @@ def parse_overrides(args, *configs):
             value = kind(text)
         except ValueError:
             raise SystemExit(f"error: --{key} expects {kind.__name__}, got {text!r}") from None
+        if key in CHOICES and value not in CHOICES[key]:
+            raise SystemExit(f"error: --{key} must be one of {', '.join(repr(c) for c in CHOICES[key])}, got {text!r}")
         setattr(cfg, key, value)
     return configs
 
 
+def options_help(*classes):
+    """Every config field as `--name (default)  comment`, read from the dataclasses' source."""
+    lines = []
+    for cls in classes:
+        lines.append(f"{cls.__name__}: {cls.__doc__.splitlines()[0]}")
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): \w+ = (.+?)\s+# (.*)$", line)
+            if m:
+                lines.append(f"  --{m[1]:<18} {m[2]:<18} {m[3]}")
+    return "\n".join(lines)
+
+
 def identity(cfg):
-    """The fields that decide a run's results, hashed into its folder name."""
+    """The fields of one config that decide a run's results (paths, batch sizes of evaluation and
+    endpoint URLs do not)."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY + ESIM_NOT_IDENTITY}
     if isinstance(cfg, Config) and not cfg.eimf:
         d = {k: v for k, v in d.items() if k not in EIMF_FIELDS}
     return d
 
 
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path, size, mtime_ns):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_digest(paths):
+    """sha256 (16 hex digits) of the files' contents, in the given order; each file is read once
+    per process unless its size or modification time changes."""
+    digest = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        digest.update(_file_sha256(os.path.abspath(p), st.st_size, st.st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
+
+
+def run_identity(cfg):
+    """What decides a training run's numbers: its config fields, the contents of the data files
+    (not their folder) and the device type. Raises DataError if the data is missing."""
+    folder = find_data(cfg.data_dir, cfg.dataset)
+    data = files_digest([os.path.join(folder, "sequences.txt"), os.path.join(folder, "items.jsonl")])
+    return {**identity(cfg), "data_sha256": data, "device_type": resolve_device(cfg.device).type}
+
+
+@functools.lru_cache(maxsize=None)
+def code_version():
+    """The code that makes a run: sha256 of bimi.py (12 hex digits), and the git commit of the
+    checkout when there is one ("+dirty" when bimi.py or prompts/ differ from it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.abspath(__file__), "rb") as f:
+        version = {"bimi_sha256": hashlib.sha256(f.read()).hexdigest()[:12], "git": None}
+    try:
+        git = ["git", "-C", here]
+        commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            dirty = subprocess.run(git + ["diff", "--quiet", "HEAD", "--", "bimi.py", "prompts"], timeout=10)
+            version["git"] = commit.stdout.strip() + ("+dirty" if dirty.returncode else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
 def short_hash(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def warn_other_code(folder, made_by, log=print):
+    """One warning line when a reused run was made by another version of bimi.py."""
+    if made_by is None or made_by.get("bimi_sha256") != code_version()["bimi_sha256"]:
+        log(f"warning: reusing {folder}, made by other code ({(made_by or {}).get('git') or (made_by or {}).get('bimi_sha256', 'unrecorded')}"
+            f" vs {code_version()['git'] or code_version()['bimi_sha256']} now); --force in `train` remakes a run")
 
 
 def write_json(path, obj):
@@ -388,10 +466,18 @@ def lloyd(x, centroids, max_iter=100, tol=1e-4):
     return centroids, assign, history[-1], history
 
 
-def kmeans(x, k, n_init=4, seed=0, max_iter=100, tol=1e-4):
-    """Best of n_init runs (lowest inertia); fully determined by the seed. x: (n, d) float tensor."""
-    if len(x) < k:
-        raise ValueError(f"k-means needs at least k={k} points, got {len(x)}")
+def kmeans(x, k, n_init=4, seed=0, max_iter=100, tol=1e-4, log=print):
+    """Best of n_init runs (lowest inertia); fully determined by the seed. x: (n, d) float tensor.
+    Returns centroids (k', d), assignment (n,), inertia, with k' = k, or the number of distinct
+    points when that is smaller (a warning is logged: k-means cannot make more distinct clusters).
+    Raises ValueError for a non-finite point or no points."""
+    if not len(x) or not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(1).sum()) if len(x) else 0
+        raise ValueError(f"k-means needs finite points: got {len(x)} points, {bad} with NaN or inf")
+    distinct = len(torch.unique(x, dim=0))
+    if distinct < k:
+        log(f"warning: {distinct} distinct points for {k} clusters: using {distinct} clusters")
+        k = distinct
     gen = torch.Generator().manual_seed(seed)
     best = None
     for _ in range(n_init):
@@ -406,62 +492,238 @@ def kmeans(x, k, n_init=4, seed=0, max_iter=100, tol=1e-4):
 
 
 class LLMError(Exception):
-    """A request that cannot succeed by retrying (bad key, unknown model, retries exhausted)."""
+    """A request that failed for good. The message names the endpoint, the model and the server's
+    own words (the API key redacted). `per_user` is True when the failure concerns one prompt (a
+    refused or over-long prompt, a reply with no answer, retries spent): ESIM then counts that
+    user as failed and goes on; False when no other request can succeed either (bad key, unknown
+    model or URL, quota spent, server unreachable, a configuration error): ESIM stops at once."""
+
+    def __init__(self, message, per_user=False):
+        super().__init__(message)
+        self.per_user = per_user
+
+
+class FormatRejected(LLMError):
+    """The server refused the request's `response_format` (the client retries without it)."""
+
+
+class Reply(str):
+    """The assistant's text of a chat reply, with `finish_reason` ("stop", "length", ...)."""
+    finish_reason = "stop"
+
+
+def redact(text, secret):
+    return text.replace(secret, "***") if secret else text
+
+
+def retry_after_seconds(headers, now=None):
+    """Seconds the server asks us to wait, or None: `Retry-After` as seconds or an HTTP-date
+    (RFC 9110 section 10.2.3), else OpenAI's `x-ratelimit-reset-requests/-tokens` ("1s", "6m0s",
+    "20ms"). Values in [0, 60] are used as given, up to an hour is clamped to 60 s; a negative,
+    NaN or absurd value gives None (the caller's own backoff)."""
+    value = None
+    text = (headers.get("Retry-After") or "").strip()
+    if text:
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(text)
+                value = when.timestamp() - (time.time() if now is None else now)
+            except (TypeError, ValueError, IndexError):
+                value = None
+    else:
+        resets = []
+        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+            m = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:([\d.]+)s)?(?:(\d+)ms)?", (headers.get(name) or "").strip())
+            if m and any(m.groups()):
+                h, mins, s, ms = (float(g) if g else 0.0 for g in m.groups())
+                resets.append(3600 * h + 60 * mins + s + ms / 1000)
+        value = max(resets) if resets else None
+    if value is None or not math.isfinite(value) or value < 0 or value > 3600:
+        return None
+    return min(value, 60.0)
+
+
+def endpoints(ecfg):
+    """(base URL, embeddings base URL, chat model, embedding model): each from its option, else its
+    environment variable ($OPENAI_BASE_URL, $OPENAI_EMBED_BASE_URL (else the base URL),
+    $BIMI_CHAT_MODEL, $BIMI_EMBED_MODEL), else the default model names. Surrounding spaces and a
+    trailing slash are dropped."""
+    base = (ecfg.base_url or os.environ.get("OPENAI_BASE_URL", "")).strip().rstrip("/")
+    embed_base = (ecfg.embed_base_url or os.environ.get("OPENAI_EMBED_BASE_URL", "")).strip().rstrip("/") or base
+    chat_model = (ecfg.chat_model or os.environ.get("BIMI_CHAT_MODEL") or DEFAULT_CHAT_MODEL).strip()
+    embed_model = (ecfg.embed_model or os.environ.get("BIMI_EMBED_MODEL") or DEFAULT_EMBED_MODEL).strip()
+    return base, embed_base, chat_model, embed_model
+
+
+def check_endpoints(ecfg, chat, embed):
+    """Configuration errors before the first request: a missing endpoint, a URL without http:// or
+    https://, an empty model name. Raises LLMError with one line naming the option or variable and
+    an example value. chat / embed: whether chat and /embeddings requests will be made."""
+    base, embed_base, chat_model, embed_model = endpoints(ecfg)
+    url_fix = ", or use --backend categories --embedder hash (no LLM)"
+    checks = []  # (value, where it comes from, what it is for, example, extra advice)
+    if chat:
+        checks += [(base, "--base_url" if ecfg.base_url else "OPENAI_BASE_URL", "the chat endpoint (--backend llm)",
+                    "http://localhost:8000/v1", url_fix),
+                   (chat_model, "--chat_model (or BIMI_CHAT_MODEL)", "a chat model name", "gpt-4o-mini", "")]
+    if embed:
+        source = ("--embed_base_url" if ecfg.embed_base_url else
+                  "OPENAI_EMBED_BASE_URL" if os.environ.get("OPENAI_EMBED_BASE_URL", "").strip() else
+                  "--base_url" if ecfg.base_url else "OPENAI_BASE_URL")
+        checks += [(embed_base, source, "an embeddings endpoint (--embedder api)", "http://localhost:8000/v1", url_fix),
+                   (embed_model, "--embed_model (or BIMI_EMBED_MODEL)", "an embedding model name",
+                    "text-embedding-3-small", "")]
+    for value, name, what, example, advice in checks:
+        if not value:
+            raise LLMError(f"{name} is empty but {what} is needed: set it, e.g. {example}{advice}")
+        if "url" in name.lower() and not re.match(r"https?://[^/\s]+", value):
+            raise LLMError(f"{name} is {value!r}: it needs http:// or https:// and a host, e.g. {example}")
+
+
+QUOTA_WORDS = re.compile(r"quota|billing|credit|insufficient_funds|payment", re.I)
+BATCH_WORDS = re.compile(r"batch|too (?:large|many|long)|at most \d+|limit|entity", re.I)
+FORMAT_WORDS = re.compile(r"response_format|json_schema|schema|grammar", re.I)
+RESPONSE_FORMATS = (  # structured output, in the shapes servers accept, tried in this order
+    lambda schema: {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}},
+    lambda schema: {"type": "json_object", "schema": schema},  # llama.cpp's and llama-cpp-python's servers
+)
 
 
 class LLMClient:
+    """Chat and embedding requests to an OpenAI-compatible endpoint (OpenAI, vLLM, Ollama's /v1,
+    llama.cpp's server, LM Studio, gateways), with retries, a persistent cache of valid answers only,
+    and errors that carry the server's own words. Built from a resolved EsimConfig (see
+    `resolve_esim`); the key comes from $OPENAI_API_KEY and is never printed, logged, cached or saved."""
+
     def __init__(self, ecfg, log=print):
-        self.base = (ecfg.base_url or os.environ.get("OPENAI_BASE_URL", "")).rstrip("/")
-        self.embed_base = (ecfg.embed_base_url or os.environ.get("OPENAI_EMBED_BASE_URL", "") or self.base).rstrip("/")
-        self.chat_model = ecfg.chat_model or os.environ.get("BIMI_CHAT_MODEL", "gpt-4o-mini")
-        self.embed_model = ecfg.embed_model or os.environ.get("BIMI_EMBED_MODEL", "text-embedding-3-small")
-        self._key = os.environ.get("OPENAI_API_KEY", "")  # never printed, logged, cached or saved
         self.cfg, self.log = ecfg, log
+        self.base, self.embed_base, self.chat_model, self.embed_model = endpoints(ecfg)
+        self._key = os.environ.get("OPENAI_API_KEY", "").strip()
         self.cache_dir = os.path.join(ecfg.cache_dir, "llm")
         self.requests = self.cache_hits = 0
         self._lock = threading.Lock()
+        self._serial = threading.Lock()    # held around each request once a timeout showed a serial server
+        self.serial = False
+        self.formats = list(RESPONSE_FORMATS)  # response_format shapes still to try, best first
+        self._warned = set()
         self._rng = random.Random(0)  # jitter only
 
+    def _warn_once(self, key, msg):
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        self.log(f"warning: {msg}")
+
+    def _failure(self, base, path, status, body, text, payload):
+        """Turn an error reply into (retryable?, LLMError). status: HTTP status or the `code` of an
+        error object inside a 200 reply; body: the parsed JSON or None; text: the raw body."""
+        url, model = base + path, payload["model"]
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            words = str(error.get("message") or error)
+            kind = " ".join(str(error.get(k) or "") for k in ("type", "code"))
+        else:
+            words, kind = (str(error) if error else text.strip()[:300]) or "(empty body)", ""
+        where = f"{url} (model {model})"
+        said = redact(f"HTTP {status}: {words}", self._key)
+        embeddings = path == "/embeddings"
+        if payload.get("response_format") and FORMAT_WORDS.search(words) and (status in (400, 422) or status >= 500):
+            return False, FormatRejected(f"{where} does not take this response_format: {said}")
+        if status == 429 and QUOTA_WORDS.search(words + " " + kind):
+            return False, LLMError(f"{where}: quota or billing exhausted, not retried: {said}")
+        if status in (408, 409, 429) or status >= 500:
+            hint = ("; if this repeats, lower --embed_batch (inputs per request)"
+                    if embeddings and BATCH_WORDS.search(words) else "")
+            return True, LLMError(f"{where}: {said}{hint}", per_user=not embeddings)
+        if status in (401, 403):
+            return False, LLMError(f"{where} refused the key: {said}; check OPENAI_API_KEY")
+        if status == 404:
+            hint = (f"; the base URL {base} should end in /v1 (e.g. {base}/v1)" if not re.search(r"/v\d+$", base)
+                    else "; check the base URL and the model name (--chat_model / --embed_model, "
+                         "or BIMI_CHAT_MODEL / BIMI_EMBED_MODEL)")
+            return False, LLMError(f"{where}: not found: {said}{hint}")
+        if embeddings and (status == 413 or BATCH_WORDS.search(words)):
+            return False, LLMError(f"{where}: {said}; the batch is too large for this server: "
+                                   f"lower --embed_batch (now {self.cfg.embed_batch}), e.g. --embed_batch 8")
+        if status in (400, 413, 422) and not embeddings:  # this prompt: content filter, context length
+            return False, LLMError(f"{where} refused this prompt: {said}", per_user=True)
+        return False, LLMError(f"{where} refused the request: {said}")
+
     def _post(self, base, path, payload):
-        """POST with retries on connection errors, timeouts, 429 and 5xx (honouring Retry-After)."""
-        if not base:
-            raise LLMError("no endpoint configured: set OPENAI_BASE_URL (e.g. http://localhost:8000/v1) "
-                           "or use --backend categories --embedder hash")
+        """POST one JSON request; returns the JSON reply (a dict without an `error` object).
+        Retries connection errors, 408/409/429 and 5xx with exponential backoff (or the server's
+        Retry-After); stops early when the same 5xx message comes twice (no retry can fix it).
+        A timeout is not re-sent (a serial local server would still be working on it): it fails
+        this request, and later requests go one at a time. Raises LLMError only."""
         url = base + path
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = "Bearer " + self._key
-        model = payload["model"]
+        model, last = payload["model"], None
         for attempt in range(self.cfg.max_retries + 1):
-            wait, problem = None, None
+            wait = None
+            with self._lock:
+                self.requests += 1
             try:
-                with self._lock:
-                    self.requests += 1
-                r = requests.post(url, json=payload, headers=headers, timeout=self.cfg.timeout)
-                if r.status_code == 200:
-                    try:
-                        return r.json()
-                    except ValueError:
-                        problem = "reply body is not JSON"
-                elif r.status_code == 429 or r.status_code >= 500:
-                    problem = f"HTTP {r.status_code}"
-                    try:
-                        wait = float(r.headers.get("Retry-After", ""))
-                    except ValueError:
-                        pass
+                if self.serial:
+                    with self._serial:
+                        r = requests.post(url, json=payload, headers=headers, timeout=self.cfg.timeout)
                 else:
-                    text = r.text[:300].strip().replace(self._key, "***") if self._key else r.text[:300].strip()
-                    raise LLMError(f"{url} (model {model}) refused the request: HTTP {r.status_code}: {text}")
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-                problem = type(e).__name__
+                    r = requests.post(url, json=payload, headers=headers, timeout=self.cfg.timeout)
+            except requests.Timeout:
+                if not self.serial:
+                    self.serial = True
+                    self.log(f"  {url}: no reply within --timeout {self.cfg.timeout:g} s; sending one request "
+                             "at a time from now on (a local server answers one prompt after another)")
+                raise LLMError(f"{url} (model {model}): no reply within --timeout {self.cfg.timeout:g} s; "
+                               "not re-sent (the server may still be working on it): raise --timeout",
+                               per_user=True) from None
+            except requests.ConnectionError as e:
+                problem = f"cannot connect ({type(e).__name__}); is the server running?"
+                error = LLMError(f"{url} (model {model}): {problem}")
+            except requests.RequestException as e:  # invalid URL, too many redirects, broken stream ...
+                raise LLMError(f"{url} (model {model}): {redact(str(e), self._key)}") from None
+            else:
+                text = r.text
+                try:
+                    body = r.json()
+                except ValueError:
+                    body = None
+                if r.status_code == 200 and isinstance(body, dict) and "error" not in body:
+                    return body
+                if r.status_code == 200 and not isinstance(body, dict):
+                    kind = r.headers.get("Content-Type", "")
+                    raise LLMError(f"{url} (model {model}) answered HTTP 200 with a body that is not a JSON object "
+                                   f"({kind or 'no Content-Type'}): {redact(text.strip()[:200], self._key)!r}"
+                                   + ("; the kit asks for \"stream\": false, so this server ignores it"
+                                      if "event-stream" in kind or text.lstrip().startswith("data:") else
+                                      "; is the base URL an OpenAI-compatible /v1 endpoint?"))
+                status = r.status_code
+                if status == 200:  # an error object inside a 200 reply (gateways): judged by its code
+                    code = body["error"].get("code") if isinstance(body["error"], dict) else None
+                    status = int(code) if str(code).isdigit() else (429 if "rate" in str(body["error"]).lower() else 400)
+                retryable, error = self._failure(base, path, status, body, text, payload)
+                if not retryable:
+                    raise error
+                if str(error) == last and status >= 500:  # the same 5xx twice: deterministic
+                    raise LLMError(f"{error} (the same answer twice: not retried further)", error.per_user)
+                last = str(error)
+                wait = retry_after_seconds(r.headers)
+                problem = f"HTTP {status}"
             if attempt == self.cfg.max_retries:
-                raise LLMError(f"{url} (model {model}): giving up after {attempt + 1} attempts, last: {problem}")
+                raise LLMError(f"giving up after {attempt + 1} attempts: {error}", error.per_user)
             if wait is None:
                 wait = min(self.cfg.retry_wait * 2.0 ** attempt, 60.0) * (0.5 + self._rng.random())
             self.log(f"  {url}: {problem}, retrying in {wait:.1f} s")
             time.sleep(wait)
 
     def _cached(self, kind, base, payload, extract):
+        """The reply for `payload`, from the cache or the server. `extract(body)` validates a reply
+        and returns (value, cacheable); it raises LLMError for a reply with no answer, which is never
+        cached, so a fixed server is asked again on the next run."""
         key = hashlib.sha256(json.dumps([kind, base, payload], sort_keys=True).encode()).hexdigest()
         path = os.path.join(self.cache_dir, key[:2], key + ".json")
         if os.path.exists(path):
@@ -470,31 +732,97 @@ class LLMClient:
                     self.cache_hits += 1
                 return json.load(f)["reply"]
         body = self._post(base, "/" + kind, payload)
-        try:
-            reply = extract(body)
-        except (KeyError, IndexError, TypeError) as e:
-            raise LLMError(f"{base}/{kind} (model {payload['model']}) answered in an unexpected shape "
-                           f"({type(e).__name__}: {e}); is it OpenAI-compatible?") from None
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json(path, {"reply": reply, "model": body.get("model", ""), "kind": kind})
-        return reply
+        served = body.get("model")
+        if isinstance(served, str) and served and not served.startswith(payload["model"]) \
+                and not payload["model"].startswith(served):
+            self._warn_once(("model", kind), f"{base}/{kind} asked for model {payload['model']!r} "
+                                             f"answers as {served!r}; the run records the name asked for")
+        value, cacheable = extract(body)
+        if cacheable:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_json(path, {"reply": value, "model": served if isinstance(served, str) else "", "kind": kind})
+        return value
 
-    def chat(self, messages):
-        payload = {"model": self.chat_model, "messages": messages, "temperature": self.cfg.temperature}
-        return self._cached("chat/completions", self.base, payload,
-                            lambda body: body["choices"][0]["message"]["content"])
+    def chat(self, messages, schema=None):
+        """The assistant's reply (a `Reply`, i.e. a str with .finish_reason) to a list of
+        {"role", "content"} messages. `schema`: a JSON schema the answer should follow, sent as
+        `response_format` in the first shape the server accepts (OpenAI/vLLM/Ollama "json_schema",
+        then llama.cpp's "json_object" + schema, then none; remembered for the client's life).
+        Raises LLMError (per_user) for a reply with no answer: no choices, content null or not
+        text, or cut by max_tokens before any text; those and length-cut replies are not cached."""
+        check_endpoints(self.cfg, chat=True, embed=False)
+        while True:
+            payload = {"model": self.chat_model, "messages": messages, "temperature": self.cfg.temperature,
+                       "max_tokens": self.cfg.max_tokens, "stream": False}
+            shape = self.formats[0] if schema and self.formats else None
+            if shape:
+                payload["response_format"] = shape(schema)
+            try:
+                answer = self._cached("chat/completions", self.base, payload, self._chat_answer)
+                reply = Reply(answer["text"])
+                reply.finish_reason = answer["finish_reason"]
+                return reply
+            except FormatRejected as e:
+                with self._lock:
+                    if self.formats and self.formats[0] is shape:
+                        self.formats.pop(0)
+                        self.log(f"  {e}; trying {'the next shape' if self.formats[1:] else 'without it'}")
+
+    def _chat_answer(self, body):
+        url = f"{self.base}/chat/completions (model {self.chat_model})"
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise LLMError(f"{url} answered with no choices (an output filter?): "
+                           f"{redact(json.dumps(body)[:200], self._key)}", per_user=True)
+        message, finish = choices[0].get("message") or {}, choices[0].get("finish_reason")
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):  # content as parts: [{"type": "text", "text": ...}, ...]
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict)
+                              and isinstance(p.get("text"), str)) if all(isinstance(p, dict) for p in content) else None
+        cut = finish == "length"
+        if not isinstance(content, str) or (cut and not content.strip()):
+            reason = ("cut by max_tokens before any answer: raise --max_tokens (now "
+                      f"{self.cfg.max_tokens}) or shorten the prompt (--prompt_items)" if cut else
+                      f"content is {type(content).__name__}, not text")
+            raise LLMError(f"{url}: no answer in the reply ({reason})", per_user=True)
+        return {"text": content, "finish_reason": finish or "stop"}, not cut
 
     def embed(self, texts):
-        """L2-normalised (len(texts), D) array, sent in batches of embed_batch."""
+        """L2-normalised (len(texts), D) float32 array, sent in batches of embed_batch. A reply with
+        the wrong number of vectors, vectors of unequal width or a non-finite number is rejected
+        (LLMError naming the text) and not cached."""
+        def extract(batch):
+            def check(body):
+                data = body.get("data")
+                if not isinstance(data, list) or len(data) != len(batch):
+                    raise LLMError(f"{self.embed_base}/embeddings (model {self.embed_model}) returned "
+                                   f"{len(data) if isinstance(data, list) else 'no'} vectors for {len(batch)} texts; "
+                                   "if the server embeds one text per request, use --embed_batch 1")
+                try:
+                    rows = [d["embedding"] for d in sorted(data, key=lambda d: d["index"])] \
+                        if all("index" in d for d in data) else [d["embedding"] for d in data]
+                    vectors = np.array(rows, dtype=np.float64)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise LLMError(f"{self.embed_base}/embeddings (model {self.embed_model}) answered in an "
+                                   f"unexpected shape ({type(e).__name__}: {e}); is it OpenAI-compatible?") from None
+                if vectors.ndim != 2 or not vectors.shape[1]:
+                    raise LLMError(f"{self.embed_base}/embeddings (model {self.embed_model}) returned vectors of "
+                                   "unequal or zero width")
+                bad = np.flatnonzero(~np.isfinite(vectors).all(1))
+                if len(bad):
+                    raise LLMError(f"{self.embed_base}/embeddings (model {self.embed_model}) returned NaN or inf "
+                                   f"for {len(bad)} text(s), e.g. {batch[bad[0]]!r}; not cached")
+                return rows, True
+            return check
+
         def one(batch):
             payload = {"model": self.embed_model, "input": batch}
-            return self._cached("embeddings", self.embed_base, payload,
-                                lambda body: [d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])])
+            return self._cached("embeddings", self.embed_base, payload, extract(batch))
+
+        check_endpoints(self.cfg, chat=False, embed=True)
         batches = [texts[i:i + self.cfg.embed_batch] for i in range(0, len(texts), self.cfg.embed_batch)]
         with concurrent.futures.ThreadPoolExecutor(self.cfg.concurrency) as pool:
             vectors = [v for out in pool.map(one, batches) for v in out]
-        if len(vectors) != len(texts):
-            raise LLMError(f"{self.embed_base}/embeddings returned {len(vectors)} vectors for {len(texts)} texts")
         return normalize_rows(np.array(vectors, dtype=np.float32))
 
 
@@ -533,18 +861,36 @@ def render_prompt(data, train_seq, n_interests, max_items):
             {"role": "user", "content": load_prompt("user.txt").substitute(values)}]
 
 
+def interests_schema(n_interests):
+    """The JSON schema of an answer, sent as the request's response_format (METHOD.md section 4.4)."""
+    interest = {"type": "object", "additionalProperties": False, "required": ["name", "description"],
+                "properties": {"name": {"type": "string"}, "description": {"type": "string"}}}
+    return {"type": "object", "additionalProperties": False, "required": ["interests"],
+            "properties": {"interests": {"type": "array", "items": interest,
+                                         "minItems": n_interests, "maxItems": n_interests}}}
+
+
+PLACEHOLDER = re.compile(r"^\W*$|<[^<>]*>|^\.\.\.|\.\.\.$")  # empty, "...", "<one sentence>": copied from a template
+
+
 def parse_interests(text, n_interests):
-    """Find the JSON object in a reply (code fences or prose around it are fine) and validate it."""
+    """The interests [(name, description)] of a reply: the LAST JSON object with an "interests"
+    list after any <think>...</think> block (a reasoning model drafts JSON while thinking), with
+    code fences or prose around it. Raises ParseError for a wrong count, a placeholder copied from
+    the prompt ("...", "<2 to 5 words>"), or the same name twice."""
+    text = text or ""
+    if "<think>" in text and "</think>" not in text:
+        raise ParseError("the reply stops inside its <think> block; no answer after it")
+    text = text.rsplit("</think>", 1)[-1]
     decoder = json.JSONDecoder()
     found = None
-    for start in [m.start() for m in re.finditer(r"\{", text or "")]:
+    for start in [m.start() for m in re.finditer(r"\{", text)]:
         try:
             obj = decoder.raw_decode(text, start)[0]
         except ValueError:
             continue
         if isinstance(obj, dict) and "interests" in obj:
             found = obj
-            break
     if found is None:
         raise ParseError('no JSON object with an "interests" list found in the reply')
     interests = found["interests"]
@@ -557,20 +903,31 @@ def parse_interests(text, n_interests):
         description = it.get("description", "") if isinstance(it, dict) else ""
         if not isinstance(name, str) or not name.strip() or len(name) > 80 or not isinstance(description, str):
             raise ParseError(f"interest {k + 1} needs a non-empty short string name and a string description")
-        out.append((name.strip(), description.strip()))
+        name, description = name.strip(), description.strip()
+        if PLACEHOLDER.search(name) or (description and PLACEHOLDER.search(description)):
+            raise ParseError(f"interest {k + 1} copies a placeholder of the prompt ({name!r}: {description!r}); "
+                             "write a real name and description")
+        if name.lower() in {n.lower() for n, _ in out}:
+            raise ParseError(f"interest {k + 1} repeats the name {name!r}; give {n_interests} distinct interests")
+        out.append((name, description))
     return out
 
 
 def llm_interests(client, data, train_seq, n_interests, max_items):
-    """One chat request, plus one repair request quoting the parse error; ParseError if both fail."""
+    """One chat request (asking for the JSON schema), plus one repair request that quotes the parse
+    error and at most 300 characters of the reply (a reply cut by max_tokens is not quoted, so the
+    repair fits the context). Raises ParseError if both fail, LLMError from the client."""
     messages = render_prompt(data, train_seq, n_interests, max_items)
-    reply = client.chat(messages)
+    schema = interests_schema(n_interests)
+    reply = client.chat(messages, schema)
     try:
         return parse_interests(reply, n_interests)
     except ParseError as e:
-        repair = load_prompt("repair.txt").substitute(error=str(e), n_interests=n_interests)
-        reply = client.chat(messages + [{"role": "assistant", "content": reply or ""},
-                                        {"role": "user", "content": repair}])
+        error = str(e) + ("; the reply was cut by max_tokens, so be brief" if reply.finish_reason == "length" else "")
+        quoted = "(cut)" if reply.finish_reason == "length" else reply[:300]
+        repair = load_prompt("repair.txt").substitute(error=error, n_interests=n_interests)
+        reply = client.chat(messages + [{"role": "assistant", "content": quoted},
+                                        {"role": "user", "content": repair}], schema)
         return parse_interests(reply, n_interests)
 
 
@@ -644,16 +1001,32 @@ def user_representations(model, split, users, max_len, device):
 
 
 def explicit_interests(data, split, typical, ecfg, client, out):
-    """Interests (name, description) of each typical user, or None for a user whose replies could
-    not be parsed (written to failures.jsonl). Prompts and interests are saved in `out`."""
-    def work(n):
+    """Interests (name, description) of each typical user, or None for a user that failed: a reply
+    that could not be parsed after the repair, or a per-user LLMError (a refused prompt, a reply
+    with no answer, spent retries). Failures go to out/failures.jsonl and are never cached, so a
+    rerun asks only for them. Prompts and interests are saved in `out`.
+    Raises LLMError for a failure no other request can escape (bad key, unknown model or URL),
+    and SystemExit as soon as more than 20 % of the users have failed."""
+    limit = int(0.2 * len(typical))
+    stop, lock, fatal, failures = threading.Event(), threading.Lock(), [], []
+
+    def work(n):  # the interests of typical user n, or None (and the failure recorded)
+        if stop.is_set():  # the run is over: more than `limit` failures, or a fatal error
+            return None
         seq = split.train_seqs[typical[n]["user"]]
         if ecfg.backend == "categories":
-            return category_interests(data, seq, ecfg.semantic_interests), None
+            return category_interests(data, seq, ecfg.semantic_interests)
         try:
-            return llm_interests(client, data, seq, ecfg.semantic_interests, ecfg.prompt_items), None
-        except ParseError as e:
-            return None, str(e)
+            return llm_interests(client, data, seq, ecfg.semantic_interests, ecfg.prompt_items)
+        except (ParseError, LLMError) as e:
+            with lock:
+                if isinstance(e, LLMError) and not e.per_user:
+                    fatal.append(e)
+                else:
+                    failures.append({"user": typical[n]["user"], "error": str(e)})
+                if fatal or len(failures) > limit:
+                    stop.set()
+            return None
 
     if ecfg.backend == "llm":
         with open(os.path.join(out, "prompts.jsonl"), "w") as f:
@@ -661,18 +1034,23 @@ def explicit_interests(data, split, typical, ecfg, client, out):
                 messages = render_prompt(data, split.train_seqs[t["user"]], ecfg.semantic_interests, ecfg.prompt_items)
                 f.write(json.dumps({"user": t["user"], "messages": messages}) + "\n")
     progress = Progress(len(typical), client)
-    results, failures = [], []
+    results = [None] * len(typical)
     with concurrent.futures.ThreadPoolExecutor(ecfg.concurrency if ecfg.backend == "llm" else 1) as pool:
-        for t, (interests, error) in zip(typical, pool.map(work, range(len(typical)))):
-            results.append(interests)
-            if error:
-                failures.append({"user": t["user"], "error": error})
-            progress.step(failed=bool(error))
+        futures = {pool.submit(work, n): n for n in range(len(typical))}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            if not stop.is_set():
+                progress.step(failed=results[futures[future]] is None)
+    failures.sort(key=lambda x: x["user"])
     with open(os.path.join(out, "failures.jsonl"), "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in failures)
-    if len(failures) > 0.2 * len(typical):
-        raise SystemExit(f"error: {len(failures)} of {len(typical)} LLM replies could not be parsed "
-                         f"(see {out}/failures.jsonl); check the model and prompts/ before spending more")
+    if fatal:
+        raise fatal[0]
+    if len(failures) > limit:
+        print()
+        raise SystemExit(f"error: {len(failures)} of {len(typical)} typical users failed (more than 20 %), first: "
+                         f"{failures[0]['error'][:300]} (all in {out}/failures.jsonl); fix the endpoint, model or "
+                         "prompts/ and run again: answers so far are cached")
     with open(os.path.join(out, "interests.jsonl"), "w") as f:
         for t, interests in zip(typical, results):
             if interests:
@@ -681,11 +1059,13 @@ def explicit_interests(data, split, typical, ecfg, client, out):
     return results, failures
 
 
-def semantic_labels(vectors, owner, clusters_of_typical, assign, n_clusters, n_prototypes, seed, restarts):
+def semantic_labels(vectors, owner, clusters_of_typical, assign, n_clusters, n_prototypes, seed, restarts, log=print):
     """METHOD.md section 4.6: prototypes by k-means over the interest vectors; a typical user's
     multi-hot label over prototypes; a behaviour cluster's label is the mean over its typical users;
-    each user inherits its cluster's. Returns prototypes (P, D), labels (n, P), labelled (n,)."""
-    prototypes, text_proto, _ = kmeans(torch.from_numpy(vectors), n_prototypes, restarts, seed=seed)
+    each user inherits its cluster's. Returns prototypes (P, D), labels (n, P), labelled (n,); P is
+    n_prototypes, or fewer when there are fewer distinct interest texts (kmeans caps it)."""
+    prototypes, text_proto, _ = kmeans(torch.from_numpy(vectors), n_prototypes, restarts, seed=seed, log=log)
+    n_prototypes = len(prototypes)
     multi_hot = np.zeros((len(clusters_of_typical), n_prototypes), dtype=np.float32)
     multi_hot[owner, text_proto.numpy()] = 1
     cluster_label = np.zeros((n_clusters, n_prototypes), dtype=np.float32)
@@ -696,22 +1076,44 @@ def semantic_labels(vectors, owner, clusters_of_typical, assign, n_clusters, n_p
     return prototypes.numpy(), cluster_label[assign], cluster_count[assign] > 0
 
 
+def resolve_esim(ecfg):
+    """The EsimConfig a run records and hashes: endpoints and model names resolved from the
+    environment (endpoints()), and the model name a backend does not use blanked. Raises LLMError
+    for a bad endpoint or model name (check_endpoints), before any request or training."""
+    llm, api = ecfg.backend == "llm", ecfg.embedder == "api"
+    check_endpoints(ecfg, chat=llm, embed=api)
+    base, embed_base, chat_model, embed_model = endpoints(ecfg)
+    return dataclasses.replace(ecfg, base_url=base if llm or api else "", embed_base_url=embed_base if api else "",
+                               chat_model=chat_model if llm else "", embed_model=embed_model if api else "")
+
+
+def esim_identity(cfg, ecfg):
+    """What decides an ESIM run's output: its backbone run, its resolved config, and for the llm
+    backend the prompt templates' contents. ecfg must be resolved (resolve_esim)."""
+    backbone_cfg = dataclasses.replace(cfg, eimf="", seed=ecfg.esim_seed or cfg.seed)
+    prompts = files_digest(sorted(os.path.join(PROMPTS, p) for p in os.listdir(PROMPTS) if p.endswith(".txt")))
+    return {"backbone": run_identity(backbone_cfg), "esim": identity(ecfg),
+            "prompts_sha256": prompts if ecfg.backend == "llm" else None}
+
+
 def run_esim(cfg, ecfg, log=print):
-    """ESIM for the backbone of `cfg` (its seed replaced by ecfg.backbone_seed); cached by identity."""
-    for key, allowed in (("backend", ("llm", "categories")), ("embedder", ("api", "hash")),
-                         ("typical", ("clustered", "random"))):
-        if getattr(ecfg, key) not in allowed:
-            raise SystemExit(f"error: --{key} must be one of {', '.join(allowed)}, got {getattr(ecfg, key)!r}")
-    backbone_cfg = dataclasses.replace(cfg, eimf="", seed=ecfg.backbone_seed)
+    """ESIM (METHOD.md section 4) on the backbone run of `cfg` with seed ecfg.esim_seed, or cfg.seed
+    when that is 0 (each seed's own backbone, so an EIMF row's seed spread includes ESIM's).
+    Trains the backbone if needed; a finished ESIM of the same identity is reused. Returns its folder."""
+    ecfg = resolve_esim(ecfg)
+    seed = ecfg.esim_seed or cfg.seed
+    backbone_cfg = dataclasses.replace(cfg, eimf="", seed=seed)
     backbone_dir = train(backbone_cfg, log=log)
-    ident = {"backbone": identity(backbone_cfg), "esim": identity(ecfg)}
+    ident = esim_identity(cfg, ecfg)
     out = os.path.join(cfg.out_dir, cfg.dataset,
-                       f"esim-{cfg.model}-{cfg.protocol}-{ecfg.backend}-{ecfg.embedder}-{short_hash(ident)}")
+                       f"esim-{cfg.model}-{cfg.protocol}-{ecfg.backend}-{ecfg.embedder}-s{seed}-{short_hash(ident)}")
     if os.path.exists(os.path.join(out, "summary.json")):
+        with open(os.path.join(out, "summary.json")) as f:
+            warn_other_code(out, json.load(f).get("code"), log)
         log(f"reusing ESIM run {out}")
         return out
     os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "config.json"), ident)
+    write_json(os.path.join(out, "config.json"), {**ident, "esim_config": dataclasses.asdict(ecfg)})
     t0 = time.time()
     data = load_dataset(cfg.data_dir, cfg.dataset)
     split = make_split(data, cfg.protocol, cfg.max_len, cfg.split_seed)
@@ -725,14 +1127,15 @@ def run_esim(cfg, ecfg, log=print):
     lengths = np.array([len(split.train_seqs[u]) for u in users])
     reps = user_representations(model, split, users, cfg.max_len, device)
     t1 = time.time()
-    centroids, assign, inertia = kmeans(reps, ecfg.clusters, ecfg.kmeans_restarts, seed=ecfg.backbone_seed)
-    log(f"k-means: {len(users):,} users into {ecfg.clusters} clusters in {time.time() - t1:.1f} s "
+    centroids, assign, inertia = kmeans(reps, ecfg.clusters, ecfg.kmeans_restarts, seed=seed, log=log)
+    n_clusters = len(centroids)
+    log(f"k-means: {len(users):,} users into {n_clusters} clusters in {time.time() - t1:.1f} s "
         f"(inertia {inertia:.1f})")
     if ecfg.typical == "clustered":
         chosen = select_typical(reps, assign, centroids, lengths, ecfg.per_cluster, ecfg.min_len)
     else:  # ablation: as many users, drawn at random
-        rows = np.random.default_rng(ecfg.backbone_seed).choice(len(users), ecfg.clusters * ecfg.per_cluster,
-                                                                 replace=False)
+        rows = np.random.default_rng(seed).choice(len(users), min(len(users), n_clusters * ecfg.per_cluster),
+                                                   replace=False)
         chosen = [(int(r), int(assign[r]), float("nan")) for r in sorted(rows)]
     typical = [{"user": int(users[r]), "cluster": c, "distance": d, "train_items": int(lengths[r])}
                for r, c, d in chosen]
@@ -743,15 +1146,17 @@ def run_esim(cfg, ecfg, log=print):
     log(f"ESIM: {ecfg.backend} interests for {len(typical)} typical users")
     results, failures = explicit_interests(data, split, typical, ecfg, client, out)
     kept = [n for n, r in enumerate(results) if r]
+    if not kept:
+        raise SystemExit(f"error: no typical user got interests (see {out}/failures.jsonl)")
     texts = [f"{name}: {desc}" for n in kept for name, desc in results[n]]
     owner = np.array([row for row, n in enumerate(kept) for _ in results[n]])  # kept-user row of each text
     vectors = client.embed(texts) if ecfg.embedder == "api" else hash_embed(texts, ecfg.hash_dim)
 
     # semantic prototypes and labels; rows of `labels` are user ids
     prototypes, user_labels, user_labelled = semantic_labels(
-        vectors, owner, np.array([typical[n]["cluster"] for n in kept]), assign.cpu().numpy(), ecfg.clusters,
-        ecfg.prototypes, ecfg.backbone_seed, ecfg.kmeans_restarts)
-    labels = np.zeros((len(data.sequences) + 1, ecfg.prototypes), dtype=np.float32)
+        vectors, owner, np.array([typical[n]["cluster"] for n in kept]), assign.cpu().numpy(), n_clusters,
+        ecfg.prototypes, seed, ecfg.kmeans_restarts, log)
+    labels = np.zeros((len(data.sequences) + 1, len(prototypes)), dtype=np.float32)
     labelled = np.zeros(len(data.sequences) + 1, dtype=bool)
     labels[users], labelled[users] = user_labels, user_labelled
     width = max(len(results[n]) for n in kept)
@@ -768,7 +1173,9 @@ def run_esim(cfg, ecfg, log=print):
                "texts": len(texts), "text_dim": int(vectors.shape[1]),
                "labelled_users": int(labelled.sum()), "train_users": len(users),
                "mean_label_mass": float(labels[users].sum(1).mean()), "seconds": round(time.time() - t0, 1),
-               "requests": client.requests if client else 0, "cache_hits": client.cache_hits if client else 0}
+               "prototypes": len(prototypes), "clusters": n_clusters,
+               "requests": client.requests if client else 0, "cache_hits": client.cache_hits if client else 0,
+               "code": code_version()}
     write_json(os.path.join(out, "summary.json"), summary)
     log(f"ESIM done in {summary['seconds']} s: {summary['parsed']} typical users, {len(texts)} interest texts, "
         f"{summary['labelled_users']:,} labelled users -> {out}")
@@ -1013,10 +1420,12 @@ def popularity_metrics(split, n_items, cutoffs=(10, 20, 50)):
 
 
 def run_dir(cfg, ecfg=None):
-    ident = identity(cfg)
+    """runs/<dataset>/<model>-<protocol>[-eimf-<backend>]-s<seed>-<hash of the run's identity>;
+    ecfg (resolved) is needed for an EIMF run."""
+    ident = run_identity(cfg)
     name = f"{cfg.model}-{cfg.protocol}"
     if cfg.eimf:
-        ident = {"train": ident, "esim": identity(ecfg)}
+        ident = {"train": ident, "esim": esim_identity(cfg, ecfg)}
         name += f"-eimf-{cfg.eimf}"
     return os.path.join(cfg.out_dir, cfg.dataset, f"{name}-s{cfg.seed}-{short_hash(ident)}")
 
@@ -1058,6 +1467,10 @@ def training_step(model, optimizer, batch, cfg, sampler=None, semantics=None):
     return loss.item()
 
 
+class TrainingError(Exception):
+    """A run that cannot go on (a non-finite loss); recorded as failed, never reused."""
+
+
 class Log:
     def __init__(self, path=None):
         self.path = path
@@ -1070,22 +1483,26 @@ class Log:
 
 
 def train(cfg, ecfg=None, force=False, log=print):
-    """Train (or reuse) one run; returns its folder. EIMF runs build their ESIM first."""
-    ecfg = dataclasses.replace(ecfg or EsimConfig(), **({"backend": cfg.eimf} if cfg.eimf else {}))
+    """Train (or reuse) one run; returns its folder. EIMF runs build their ESIM first. A run is
+    reused only when its metrics.json says "done" (a failed or interrupted run is trained again).
+    Raises TrainingError when the loss becomes NaN or infinite (the run is recorded as failed)."""
+    ecfg = resolve_esim(dataclasses.replace(ecfg or EsimConfig(), **({"backend": cfg.eimf} if cfg.eimf else {})))
     out = run_dir(cfg, ecfg)
     metrics_path = os.path.join(out, "metrics.json")
     if not force and os.path.exists(metrics_path):
         with open(metrics_path) as f:
-            if json.load(f).get("status") == "done":
-                log(f"reusing finished run {out}")
-                return out
+            finished = json.load(f)
+        if finished.get("status") == "done":
+            warn_other_code(out, finished.get("code"), log)
+            log(f"reusing finished run {out}")
+            return out
     esim_dir = run_esim(cfg, ecfg, log) if cfg.eimf else None
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "log.txt")):
         os.remove(os.path.join(out, "log.txt"))
     log = Log(os.path.join(out, "log.txt"))
     saved = {"config": dataclasses.asdict(cfg), "esim": dataclasses.asdict(ecfg) if cfg.eimf else None,
-             "esim_dir": esim_dir}
+             "esim_dir": esim_dir, "identity": run_identity(cfg), "code": code_version()}
     write_json(os.path.join(out, "config.json"), saved)
     device = resolve_device(cfg.device)
     t0 = time.time()
@@ -1100,7 +1517,8 @@ def train(cfg, ecfg=None, force=False, log=print):
     shuffle = torch.Generator().manual_seed(cfg.seed)   # batch order
     sampler = torch.Generator().manual_seed(cfg.seed + 1)  # negatives and typical-user batches
     hist, target, user = (torch.from_numpy(a) for a in (split.train_hist, split.train_target, split.train_user))
-    record = {"status": "running", "epochs": [], "best_epoch": 0, "valid": None, "test": None}
+    record = {"status": "running", "epochs": [], "best_epoch": 0, "valid": None, "test": None,
+              "code": code_version()}
     best, best_state, bad_epochs = -1.0, None, 0
     log(f"training {cfg.model}{' + EIMF (' + cfg.eimf + ')' if cfg.eimf else ''} on {device}: "
         f"{sum(p.numel() for p in model.parameters()):,} parameters -> {out}")
@@ -1112,7 +1530,14 @@ def train(cfg, ecfg=None, force=False, log=print):
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
                 batch = hist[idx].to(device), target[idx].to(device), user[idx].to(device)
-                total += training_step(model, optimizer, batch, cfg, sampler, semantics)
+                loss = training_step(model, optimizer, batch, cfg, sampler, semantics)
+                if not math.isfinite(loss):
+                    record.update(status="failed", error=f"loss {loss} at epoch {epoch}, step {steps + 1}")
+                    write_json(metrics_path, record)
+                    raise TrainingError(f"{out}: the training loss became {loss} at epoch {epoch}, step {steps + 1}; "
+                                        "the run is recorded as failed. Lower --lr, or check ESIM's outputs "
+                                        "for NaN (esim.npz) if this is an EIMF run")
+                total += loss
                 steps += 1
             train_s = time.time() - t_epoch
             valid = evaluate(model, split.valid, device, cfg.eval_batch)
@@ -1268,7 +1693,8 @@ def reproduce(cfg, ecfg, seeds):
     print("\n".join(lines))
 
 
-USAGE = """usage: python bimi.py COMMAND [--key value ...]
+COMMANDS = ("info", "train", "esim", "bench", "_bench_one", "reproduce")
+USAGE = """usage: python bimi.py COMMAND [--key value ...]   (python bimi.py COMMAND --help lists every option)
 
 commands:
   info       load the dataset, build the split and print a summary
@@ -1283,16 +1709,32 @@ Every field of Config and EsimConfig is an option (see the top of bimi.py), e.g.
 
 
 def main(argv=None):
+    """The command line: `python bimi.py COMMAND [--key value ...]`. Anything a user can type or
+    bring ends in one `error:` line, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise SystemExit(f"error: unknown command {command!r}; one of {', '.join(COMMANDS)} (see --help)")
+    if "-h" in args or "--help" in args:
+        print(USAGE.split("\n\n")[0] + "\n\noptions (--key value), with their defaults:\n"
+              + options_help(Config, EsimConfig)
+              + ("\n  --force                                train again even if a finished run exists" if command == "train" else "")
+              + ("\n  --seeds            3                  seeds 1..N of every row" if command == "reproduce" else ""))
+        return
     extra = {}
     for flag in ("--force", "--seeds"):  # command options that are not config fields; the last one wins
         while flag in args:
             i = args.index(flag)
-            extra[flag] = True if flag == "--force" else int(args[i + 1])
+            if flag == "--seeds":
+                text = args[i + 1] if i + 1 < len(args) else ""
+                if not text.isdigit() or int(text) < 1:
+                    raise SystemExit(f"error: --seeds expects a positive whole number (e.g. --seeds 3), got {text!r}")
+                extra[flag] = int(text)
+            else:
+                extra[flag] = True
             del args[i:i + (1 if flag == "--force" else 2)]
     cfg, ecfg = parse_overrides(args, Config(), EsimConfig())
     try:
@@ -1312,9 +1754,7 @@ def main(argv=None):
             bench_one(cfg)
         elif command == "reproduce":
             reproduce(cfg, ecfg, extra.get("--seeds", 3))
-        else:
-            raise SystemExit(f"error: unknown command {command!r}\n\n{USAGE}")
-    except (DataError, LLMError) as e:
+    except (DataError, LLMError, TrainingError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit("interrupted")

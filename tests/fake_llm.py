@@ -105,6 +105,60 @@ class FakeLLM:
         self.httpd.shutdown()
 
 
+class ScriptedServer:
+    """A real HTTP server on 127.0.0.1 whose every reply is chosen by a function of the request:
+    reply(kind, body, n) -> (status, payload, headers); payload is a dict (sent as JSON), bytes or
+    str (sent as they are; a header may set the Content-Type). n counts requests from 1.
+    `log` holds (kind, body, headers) of every request."""
+
+    def __init__(self, reply):
+        self.reply, self.log, self.lock = reply, [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.log.append((self.path.rsplit("/", 1)[-1], body, dict(self.headers)))
+                    n = len(server.log)
+                status, payload, headers = server.reply(self.path.rsplit("/", 1)[-1], body, n)
+                data = payload.encode() if isinstance(payload, str) else \
+                    payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                headers = dict(headers or {})
+                self.send_response(status)
+                self.send_header("Content-Type", headers.pop("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = self.root + "/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def chat_reply(content, finish_reason="stop", model="m"):
+    """An OpenAI chat.completion body."""
+    return {"id": "x", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": finish_reason}]}
+
+
+def embeddings_reply(texts, model="e"):
+    """An OpenAI embeddings body, one fake vector per text."""
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(t)} for i, t in enumerate(texts)]}
+
+
 if __name__ == "__main__":
     server = FakeLLM(verbose=True)  # one line per answered request
     print(f"fake OpenAI-compatible server at {server.url}", flush=True)

@@ -156,7 +156,7 @@ def client_for(server, tmp_path, **kw):
 MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "1. Lipstick [Beauty > Lips]"}]
 
 
-@pytest.mark.parametrize("behaviour", ["429", "500", "hang", "drop", "badjson"])
+@pytest.mark.parametrize("behaviour", ["429", "500", "drop"])
 def test_transient_failures_are_retried_once_then_succeed(server, tmp_path, behaviour):
     server.script = [behaviour]
     client = client_for(server, tmp_path)
@@ -166,8 +166,8 @@ def test_transient_failures_are_retried_once_then_succeed(server, tmp_path, beha
 
 
 def test_retries_are_bounded(server, tmp_path):
-    server.script = ["500"] * 10
-    with pytest.raises(bimi.LLMError, match="giving up after 4 attempts"):
+    server.script = ["429"] * 10
+    with pytest.raises(bimi.LLMError, match="giving up after 4 attempts: .*rate limited"):
         client_for(server, tmp_path).chat(MESSAGES)
     assert len(server.log) == 4
 
@@ -287,7 +287,7 @@ def test_too_many_unparsable_replies_stop_the_run(synthetic_dir, tmp_path, serve
     server = server4
     cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
     server.script = ["wrong_count"] * 40
-    with pytest.raises(SystemExit, match="could not be parsed"):
+    with pytest.raises(SystemExit, match="typical users failed"):
         bimi.run_esim(cfg, ecfg)
     out = [d for d in os.listdir(tmp_path / "runs" / "synthetic") if d.startswith("esim-")][0]
     failures = open(tmp_path / "runs" / "synthetic" / out / "failures.jsonl").read().splitlines()
