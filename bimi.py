@@ -186,51 +186,72 @@ class Dataset:
 
 
 def find_data(data_dir, name):
+    """<data_dir>/<name>, the folder holding sequences.txt and items.jsonl; DataError naming the
+    first missing file and the data_prep.py command that writes both."""
     folder = os.path.join(data_dir, name)
-    if not os.path.exists(os.path.join(folder, "sequences.txt")):
-        raise DataError(f"{folder}/sequences.txt not found: run `python data_prep.py {name}` "
-                        f"(or pass --data_dir ../shared/data where the benchmark is shared)")
+    for file in ("sequences.txt", "items.jsonl"):
+        if not os.path.exists(os.path.join(folder, file)):
+            raise DataError(f"{folder}/{file} not found: run `python data_prep.py {name}`, which writes "
+                            "sequences.txt and items.jsonl (or pass --data_dir ../shared/data where the "
+                            "benchmark is shared)")
     return folder
 
 
+def read_text_lines(path):
+    """The lines of a UTF-8 text file as editors save it: a byte-order mark and trailing blank lines
+    are dropped (a blank line in the middle stays, for the caller to name); CRLF line ends are left
+    to the parsers, which skip the CR. DataError when the file is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read().rstrip()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 or regenerate it with "
+                        "data_prep.py") from None
+    return text.split("\n") if text else []
+
+
 def load_dataset(data_dir, name):
-    """Read and validate sequences.txt and items.jsonl (format: ../shared/data/README.md)."""
+    """Read and validate sequences.txt and items.jsonl (format: ../shared/data/README.md).
+
+    DataError names the file and line of anything malformed."""
     folder = find_data(data_dir, name)
     items_path, seq_path = os.path.join(folder, "items.jsonl"), os.path.join(folder, "sequences.txt")
     titles, categories = [""], [[]]
-    with open(items_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                item = json.loads(line)
-                item_id, title, cats = item["item_id"], item["title"], item["categories"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{items_path}:{line_no}: not an item record ({e}); "
-                                "regenerate it with data_prep.py") from None
-            if item_id != line_no:
-                raise DataError(f"{items_path}:{line_no}: item_id {item_id}, expected {line_no}: "
-                                "item ids must be contiguous from 1 in file order; regenerate with data_prep.py")
-            titles.append(title)
-            categories.append(cats)
+    for line_no, line in enumerate(read_text_lines(items_path), 1):
+        try:
+            item = json.loads(line)
+            item_id, title, cats = item["item_id"], item["title"], item["categories"]
+        except (ValueError, KeyError, TypeError) as e:
+            if not line.strip():
+                raise DataError(f"{items_path}:{line_no}: blank line; remove it (one item per line)") from None
+            raise DataError(f"{items_path}:{line_no}: not an item record ({e}); "
+                            "regenerate it with data_prep.py") from None
+        if item_id != line_no:
+            raise DataError(f"{items_path}:{line_no}: item_id {item_id}, expected {line_no}: "
+                            "item ids must be contiguous from 1 in file order; regenerate with data_prep.py")
+        titles.append(title)
+        categories.append(cats)
     n_items = len(titles) - 1
     sequences = []
-    with open(seq_path) as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                ids = np.array(line.split(), dtype=np.int64)
-            except ValueError:
-                raise DataError(f"{seq_path}:{line_no}: non-integer token; "
-                                "expected `user_id item_id item_id ...`") from None
-            if len(ids) < 2:
-                raise DataError(f"{seq_path}:{line_no}: user without items; every user needs a sequence")
-            if ids[0] != line_no:
-                raise DataError(f"{seq_path}:{line_no}: user id {ids[0]}, expected {line_no}: "
-                                "user ids must be contiguous from 1 in file order")
-            seq = ids[1:]
-            if seq.min() < 1 or seq.max() > n_items:
-                bad = seq[(seq < 1) | (seq > n_items)][0]
-                raise DataError(f"{seq_path}:{line_no}: item {bad} is not in {items_path} "
-                                f"(ids 1..{n_items}); the two files are from different runs of data_prep.py")
-            sequences.append(seq)
+    for line_no, line in enumerate(read_text_lines(seq_path), 1):
+        try:
+            ids = np.array(line.split(), dtype=np.int64)
+        except ValueError:
+            raise DataError(f"{seq_path}:{line_no}: non-integer token; "
+                            "expected `user_id item_id item_id ...`") from None
+        if len(ids) < 2:
+            if not len(ids):
+                raise DataError(f"{seq_path}:{line_no}: blank line; remove it (one user per line)")
+            raise DataError(f"{seq_path}:{line_no}: user without items; every user needs a sequence")
+        if ids[0] != line_no:
+            raise DataError(f"{seq_path}:{line_no}: user id {ids[0]}, expected {line_no}: "
+                            "user ids must be contiguous from 1 in file order")
+        seq = ids[1:]
+        if seq.min() < 1 or seq.max() > n_items:
+            bad = seq[(seq < 1) | (seq > n_items)][0]
+            raise DataError(f"{seq_path}:{line_no}: item {bad} is not in {items_path} "
+                            f"(ids 1..{n_items}); the two files are from different runs of data_prep.py")
+        sequences.append(seq)
     if not sequences:
         raise DataError(f"{seq_path} is empty; regenerate it with data_prep.py")
     return Dataset(name, sequences, titles, categories)

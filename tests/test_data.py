@@ -387,6 +387,48 @@ def test_missing_dataset_says_how_to_make_it(tmp_path):
         bimi.load_dataset(str(tmp_path), "beauty")
 
 
+def test_missing_items_file_is_one_line_naming_it(tmp_path):
+    write_processed(str(tmp_path / "d"), ["1 1 2 3"])
+    os.remove(tmp_path / "d" / "items.jsonl")
+    with pytest.raises(bimi.DataError) as e:
+        bimi.load_dataset(str(tmp_path), "d")
+    assert str(e.value) == (f"{tmp_path}/d/items.jsonl not found: run `python data_prep.py d`, which writes "
+                            "sequences.txt and items.jsonl (or pass --data_dir ../shared/data where the "
+                            "benchmark is shared)")
+
+
+@pytest.mark.parametrize("edit", ["trailing blank lines", "byte-order marks", "CRLF", "all three"])
+def test_load_files_as_editors_save_them(tmp_path, edit):
+    write_processed(str(tmp_path / "d"), ["1 1 2 3", "2 3 1"])
+    for name in ("sequences.txt", "items.jsonl"):
+        path = tmp_path / "d" / name
+        text = path.read_text()
+        if edit in ("trailing blank lines", "all three"):
+            text += "\n  \n\n"
+        if edit in ("CRLF", "all three"):
+            text = text.replace("\n", "\r\n")
+        if edit in ("byte-order marks", "all three"):
+            text = "\ufeff" + text
+        path.write_bytes(text.encode("utf-8"))
+    data = bimi.load_dataset(str(tmp_path), "d")
+    assert [s.tolist() for s in data.sequences] == [[1, 2, 3], [3, 1]]
+    assert data.titles == ["", "t1", "t2", "t3"] and data.categories[1] == [["c"]]
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("sequences.txt", "sequences.txt:2: blank line; remove it (one user per line)"),
+    ("items.jsonl", "items.jsonl:2: blank line; remove it (one item per line)"),
+])
+def test_blank_line_in_the_middle_is_named(tmp_path, name, needle):
+    write_processed(str(tmp_path / "d"), ["1 1 2 3", "2 3 1"])
+    path = tmp_path / "d" / name
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:1] + [""] + lines[1:]) + "\n")
+    with pytest.raises(bimi.DataError) as e:
+        bimi.load_dataset(str(tmp_path), "d")
+    assert str(e.value) == f"{tmp_path}/d/{needle}"
+
+
 # ----------------------------------------------------------------------------- splits against a slow reference
 
 
