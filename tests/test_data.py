@@ -10,7 +10,7 @@ import pytest
 
 import bimi
 import data_prep
-from conftest import shared_beauty
+from conftest import SHARED, shared_beauty
 
 # ----------------------------------------------------------------------------- raw fixtures in the 2014 formats
 
@@ -429,6 +429,32 @@ def test_blank_line_in_the_middle_is_named(tmp_path, name, needle):
     assert str(e.value) == f"{tmp_path}/d/{needle}"
 
 
+# ----------------------------------------------------------------------------- repeat consumption
+
+
+def test_repeats_are_counted_and_warned_in_one_line(tmp_path):
+    # users 1, 3 and 5 end on an item they already had; user 3's validation item is a repeat too
+    write_processed(str(tmp_path / "repeats"), ["1 1 2 3 4 1", "2 2 3 4 5 6", "3 3 4 5 3 4",
+                                                "4 4 5 6 1 2", "5 5 6 1 2 5"], n_items=6)
+    data = bimi.load_dataset(str(tmp_path), "repeats")
+    assert data.repeating == 3
+    logged = []
+    counts = bimi.repeat_summary(data, bimi.make_split(data, "loo"), log=logged.append)
+    assert counts == {"repeating_sequences": 3, "valid_in_history": 1, "valid_targets": 5,
+                      "test_in_history": 3, "test_targets": 5}
+    assert logged == ["WARNING: repeats: 3 of 5 sequences repeat an item; 1 of 5 validation targets (20.0 %) and "
+                      "3 of 5 test targets (60.0 %) are already in the user's history, which is masked from the "
+                      "ranking, so no model can hit them"]
+
+
+def test_no_repeats_no_warning(synthetic_dir):
+    data = bimi.load_dataset(synthetic_dir, "synthetic")
+    logged = []
+    counts = bimi.repeat_summary(data, bimi.make_split(data, "user"), log=logged.append)
+    assert data.repeating == 0 and logged == []
+    assert counts["valid_in_history"] == counts["test_in_history"] == 0
+
+
 # ----------------------------------------------------------------------------- splits against a slow reference
 
 
@@ -477,6 +503,22 @@ def test_user_split_matches_comirec_recipe(synthetic_dir):
 
 
 # ----------------------------------------------------------------------------- the real benchmark
+
+
+def test_real_yelp_repeats_match_a_loop_reference():
+    if not os.path.exists(os.path.join(SHARED, "yelp", "sequences.txt")):
+        pytest.skip("../shared/data/yelp is absent (a user's clone has no ../shared)")
+    data = bimi.load_dataset(SHARED, "yelp")
+    assert data.repeating == 7102 == sum(len(set(s.tolist())) < len(s) for s in data.sequences)
+    loo = bimi.repeat_summary(data, bimi.make_split(data, "loo"), log=lambda line: None)
+    assert (loo["test_in_history"], loo["valid_in_history"]) == (2027, 1640)  # 6.7 % and 5.4 % of 30,431
+    split = bimi.make_split(data, "user")
+    counts = bimi.repeat_summary(data, split, log=lambda line: None)
+    for part in ("valid", "test"):
+        evalset = getattr(split, part)
+        hits = sum(t in set(seen.tolist()) for seen, targets in zip(evalset.seen, evalset.targets)
+                   for t in targets.tolist() if t)
+        assert counts[f"{part}_in_history"] == hits
 
 
 def test_real_beauty_counts_and_splits():
