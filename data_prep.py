@@ -33,7 +33,11 @@ KNOWN_SIZES = {  # users, items, interactions (METHOD.md section 2)
     "toys": (19412, 11924, 167597), "yelp": (30431, 20033, 316354),
 }
 YELP_FILES = ("yelp_academic_dataset_review.json", "yelp_academic_dataset_business.json")
-YELP_SINCE = "2019-01-01"
+# The benchmark's year, both bounds inclusive and compared as date strings, as the S3-Rec and P5
+# processing does (aHuiWang/CIKM2020-S3Rec data/data_process.py): a review on 31 Dec 2019 after
+# midnight is out. Every star rating is kept, and so are repeat visits.
+YELP_SINCE, YELP_UNTIL = "2019-01-01 00:00:00", "2019-12-31 00:00:00"
+GZIP_MAGIC = b"\x1f\x8b"
 CORE = 5  # every user and every item keeps at least this many interactions
 
 
@@ -45,7 +49,10 @@ class PrepError(Exception):
 # download
 
 def download(url_names, dest):
-    """Fetch one file to `dest`, trying each mirror; a complete earlier download is reused."""
+    """Fetch one gzip file to `dest`, trying each mirror; a complete earlier download is reused.
+
+    A mirror that answers with anything but gzip data (a moved-dataset HTML page, a login or proxy
+    page) is refused from its first bytes and nothing is kept; PrepError when no mirror delivers."""
     if os.path.exists(dest):
         print(f"reusing {dest}")
         return dest
@@ -57,9 +64,13 @@ def download(url_names, dest):
             with requests.get(url, stream=True, timeout=60) as r:
                 r.raise_for_status()
                 total = int(r.headers.get("Content-Length", 0))
-                done, t0, last = 0, time.time(), 0.0
+                done, t0, last, head = 0, time.time(), 0.0, b""
                 with open(part, "wb") as f:
                     for chunk in r.iter_content(1 << 20):
+                        if len(head) < len(GZIP_MAGIC):  # a 200 answer can still be a web page, not the file
+                            head += chunk[:16]
+                            if len(head) >= len(GZIP_MAGIC) and not head.startswith(GZIP_MAGIC):
+                                raise IOError(not_gzip(r, head))
                         f.write(chunk)
                         done += len(chunk)
                         if time.time() - last > 1:
@@ -70,6 +81,8 @@ def download(url_names, dest):
                                   end="", flush=True)
                 if total and done != total:
                     raise IOError(f"connection closed after {done} of {total} bytes")
+                if len(head) < len(GZIP_MAGIC):
+                    raise IOError(not_gzip(r, head))
             print(f"\r  {os.path.basename(dest)}: {done / 1e6:.1f} MB in {time.time() - t0:.0f} s" + " " * 20)
             os.replace(part, dest)
             return dest
@@ -77,16 +90,30 @@ def download(url_names, dest):
             errors.append(f"{url}: {e}")
             if os.path.exists(part):
                 os.remove(part)
-    raise PrepError("could not download " + os.path.basename(dest) + ":\n  " + "\n  ".join(errors) +
-                    f"\nfetch it by hand into a folder and pass --raw-dir FOLDER")
+    raise PrepError(f"could not download {os.path.basename(dest)} ({'; '.join(errors)}); "
+                    "fetch it by hand into a folder and pass --raw-dir FOLDER")
+
+
+def not_gzip(response, head):
+    """Why a download is refused, from the Content-Type and the first bytes of the body."""
+    kind = response.headers.get("Content-Type", "no Content-Type")
+    return f"answered with {kind} starting {head!r}, not gzip data (the link has moved or a web page answered)"
 
 
 # -----------------------------------------------------------------------------
 # raw parsers
 
+def is_gzip(path):
+    """True when the file starts with gzip's magic bytes. Never trust the name: browsers unpack a
+    .gz on download and keep the name, and some mirrors serve unpacked files under .gz names."""
+    with open(path, "rb") as f:
+        return f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+
+
 def read_lines(path, parse):
-    """Yield (line_no, record) from a (gzipped) file of one record per line, with clear errors."""
-    opener = gzip.open if path.endswith(".gz") else open
+    """Yield (line_no, record) from a file of one record per line, gzipped or not (by its first
+    bytes); blank lines are skipped. PrepError names the file and line of anything unreadable."""
+    opener = gzip.open if is_gzip(path) else open
     line_no = 0
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -101,6 +128,9 @@ def read_lines(path, parse):
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise PrepError(f"{path}: truncated or corrupt gzip after line {line_no} ({e}); "
                         "delete it and run again to download a fresh copy") from None
+    except UnicodeDecodeError as e:
+        raise PrepError(f"{path}: line {line_no + 1} is neither UTF-8 text nor gzip data ({e}); "
+                        "delete it and fetch the file again") from None
 
 
 def parse_meta_line(line):
@@ -134,21 +164,46 @@ def read_amazon_meta(path, wanted):
     return meta
 
 
+def yelp_categories(value):
+    """Category paths of one business: [["Food"], ["Coffee & Tea"]]. Dumps since 2019 store a comma
+    string, older ones a JSON list, and some businesses have null. ValueError for anything else."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise ValueError(f"categories is {type(value).__name__}, expected a string, a list or null")
+    return [[c.strip()] for c in value if c.strip()]
+
+
 def read_yelp(raw_dir):
+    """(user, business, date, line_no) per review of the benchmark's year, and business_id ->
+    (name, category paths) for the reviewed businesses. PrepError when no review is of that year."""
     review_path, business_path = (os.path.join(raw_dir, f) for f in YELP_FILES)
-    rows = []
+    rows, latest = [], ""
     for line_no, r in read_lines(review_path, json.loads):
         try:
-            if r["date"] >= YELP_SINCE:  # ISO dates compare as strings
-                rows.append((r["user_id"], r["business_id"], r["date"], line_no))
+            user, item, date = r["user_id"], r["business_id"], r["date"]
+            kept = YELP_SINCE <= date <= YELP_UNTIL  # "YYYY-MM-DD HH:MM:SS" strings compare as times
         except (KeyError, TypeError) as e:
             raise PrepError(f"{review_path}:{line_no}: review lacks user_id/business_id/date ({e})") from None
+        if kept:
+            rows.append((user, item, date, line_no))
+        elif date > latest:
+            latest = date
+    if not rows:
+        raise PrepError(f"{review_path}: no review dated {YELP_SINCE} to {YELP_UNTIL}, the benchmark's year "
+                        f"(the latest review here is {latest or 'none'}); use a Yelp Open Dataset release "
+                        "that covers 2019 (https://www.yelp.com/dataset)")
     wanted = {r[1] for r in rows}
     meta = {}
-    for _, b in read_lines(business_path, json.loads):
+    for line_no, b in read_lines(business_path, json.loads):
         if b.get("business_id") in wanted:
-            cats = [c.strip() for c in (b.get("categories") or "").split(",") if c.strip()]
-            meta[b["business_id"]] = (html.unescape(b.get("name") or "").strip(), [[c] for c in cats])
+            try:
+                cats = yelp_categories(b.get("categories"))
+            except ValueError as e:
+                raise PrepError(f"{business_path}:{line_no}: {e}; is this a Yelp business file?") from None
+            meta[b["business_id"]] = (html.unescape(b.get("name") or "").strip(), cats)
     return rows, meta
 
 
@@ -156,7 +211,10 @@ def read_yelp(raw_dir):
 # processing
 
 def k_core(rows, k=CORE):
-    """Iteratively drop users and items with fewer than k interactions until none is left."""
+    """Drop users and items with fewer than k interactions, again and again until none is left.
+
+    The result (the largest subset where every user and item has >= k rows, repeats counted) does
+    not depend on the row order; kept rows stay in their input order."""
     while True:
         n_user, n_item = {}, {}
         for u, i, _, _ in rows:
@@ -168,24 +226,36 @@ def k_core(rows, k=CORE):
         rows = kept
 
 
-def build(rows, meta, source):
-    """Dedupe, k-core, sort each user by time (stable), number users then items by first appearance."""
-    seen, unique = set(), []
-    for r in rows:  # a user reviewing the same item twice keeps the first review
-        if (r[0], r[1]) not in seen:
-            seen.add((r[0], r[1]))
-            unique.append(r)
-    rows = k_core(unique)
+def build(rows, meta, source, dedupe):
+    """Sequences and item records from (user, item, time, line_no) rows in file order.
+
+    Each user's items are in time order; `dedupe` keeps only the earliest review of a repeated
+    (user, item) pair (Amazon), otherwise repeat visits stay (Yelp). Then the 5-core filter. As in
+    the S3-Rec/P5 processing, users are numbered by their first line in the file and items by first
+    appearance along the users' sequences. PrepError when nothing survives or metadata is missing."""
+    user_rank = {}
+    for r in rows:
+        user_rank.setdefault(r[0], len(user_rank))
+    # Time, then line: equal timestamps (Amazon's are whole days, so ties are common) keep file
+    # order, which is what the benchmark's stable sort did and what reproduces its files.
+    rows = sorted(rows, key=lambda r: (r[2], r[3]))
+    if dedupe:
+        seen, unique = set(), []
+        for r in rows:  # time order, so the earliest review of a pair comes first
+            if (r[0], r[1]) not in seen:
+                seen.add((r[0], r[1]))
+                unique.append(r)
+        rows = unique
+    rows = k_core(rows)
     if not rows:
         raise PrepError(f"{source}: nothing is left after the {CORE}-core filter; "
                         "is this the right (complete) file?")
     by_user = {}
-    for u, i, t, line_no in rows:
-        by_user.setdefault(u, []).append((t, i, line_no))
+    for u, i, _, line_no in rows:  # still in time order
+        by_user.setdefault(u, []).append((i, line_no))
     item_id, sequences, items = {}, [], []
-    for events in by_user.values():
-        events.sort(key=lambda e: e[0])  # stable: equal times keep file order
-        for _, i, line_no in events:
+    for u in sorted(by_user, key=user_rank.__getitem__):
+        for i, line_no in by_user[u]:
             if i not in item_id:
                 if i not in meta:
                     raise PrepError(f"{source}:{line_no}: item {i} has no metadata; "
@@ -193,7 +263,7 @@ def build(rows, meta, source):
                 item_id[i] = len(item_id) + 1
                 title, cats = meta[i]
                 items.append({"item_id": item_id[i], "asin": i, "title": title, "categories": cats})
-        sequences.append([item_id[i] for _, i, _ in events])
+        sequences.append([item_id[i] for i, _ in by_user[u]])
     return sequences, items
 
 
@@ -215,6 +285,7 @@ def write_dataset(out_dir, sequences, items):
 
 
 def summary(name, sequences, items):
+    """Print the dataset's size and lengths, and a warning when they differ from the benchmark's."""
     lengths = sorted(len(s) for s in sequences)
     n_inter = sum(lengths)
     untitled = sum(1 for it in items if not it["title"])
@@ -316,17 +387,16 @@ def prepare(name, out, raw_dir=None, seed=0):
             paths = [download([m + f for m in MIRRORS], os.path.join(out, "raw", f)) for f in files]
         rows = read_amazon_reviews(paths[0])
         meta = read_amazon_meta(paths[1], {r[1] for r in rows})
-        sequences, items = build(rows, meta, paths[0])
+        sequences, items = build(rows, meta, paths[0], dedupe=True)
     elif name == "yelp":
         missing = [f for f in YELP_FILES if not raw_dir or not os.path.exists(os.path.join(raw_dir, f))]
         if missing:
-            raise PrepError("Yelp cannot be downloaded automatically (its licence needs a click-through).\n"
-                            "  1. get the Yelp Open Dataset at https://www.yelp.com/dataset (JSON version)\n"
-                            f"  2. extract {' and '.join(YELP_FILES)} into a folder\n"
-                            "  3. run: python data_prep.py yelp --raw-dir FOLDER\n"
-                            f"missing: {', '.join(missing)}")
+            raise PrepError(f"{', '.join(missing)} missing: Yelp cannot be downloaded automatically (its "
+                            "licence needs a click-through); get the JSON version of the Yelp Open Dataset at "
+                            f"https://www.yelp.com/dataset, extract {' and '.join(YELP_FILES)} into a folder "
+                            "and run `python data_prep.py yelp --raw-dir FOLDER`")
         rows, meta = read_yelp(raw_dir)
-        sequences, items = build(rows, meta, os.path.join(raw_dir, YELP_FILES[0]))
+        sequences, items = build(rows, meta, os.path.join(raw_dir, YELP_FILES[0]), dedupe=False)
     else:
         raise PrepError(f"unknown dataset {name!r}: choose beauty, sports, toys, yelp or synthetic")
     write_dataset(os.path.join(out, name), sequences, items)

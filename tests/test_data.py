@@ -2,13 +2,15 @@
 import gzip
 import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 import bimi
 import data_prep
-from conftest import shared_beauty
+from conftest import SHARED, shared_beauty
 
 # ----------------------------------------------------------------------------- raw fixtures in the 2014 formats
 
@@ -147,6 +149,168 @@ def test_yelp_parser_filters_dates_and_uses_business_names(tmp_path):
     assert data.titles[1] == "Cafe 0 & Bar" and data.categories[1] == [["Food"], ["Coffee & Tea"]]
 
 
+def write_yelp(folder, reviews, businesses):
+    """Plain JSON-lines Yelp files; reviews are (user, business, date) in file order."""
+    rows = [json.dumps({"review_id": f"r{n}", "user_id": u, "business_id": b, "stars": 1 + n % 5, "date": d})
+            for n, (u, b, d) in enumerate(reviews)]
+    for name, lines in zip(data_prep.YELP_FILES, (rows, [json.dumps(b) for b in businesses])):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def read_processed(folder):
+    with open(os.path.join(folder, "sequences.txt")) as f:
+        seqs = [line.split()[1:] for line in f]
+    with open(os.path.join(folder, "items.jsonl")) as f:
+        items = [json.loads(line) for line in f]
+    return seqs, items
+
+
+@pytest.mark.parametrize("shape, categories, expected", [
+    ("string (2019+ dumps)", "Food, Coffee & Tea", [["Food"], ["Coffee & Tea"]]),
+    ("JSON list (older dumps)", ["Food", "Coffee & Tea"], [["Food"], ["Coffee & Tea"]]),
+    ("null", None, []),
+    ("empty string", "", []),
+])
+def test_yelp_categories_in_every_dump_shape(tmp_path, shape, categories, expected):
+    reviews = [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00") for u in range(5) for b in range(5)]
+    businesses = [{"business_id": f"b{b}", "name": f"Cafe {b}", "categories": categories if b == 0 else "Bars"}
+                  for b in range(5)]
+    write_yelp(tmp_path, reviews, businesses)
+    data_prep.prepare("yelp", str(tmp_path / "out"), str(tmp_path))
+    data = bimi.load_dataset(str(tmp_path / "out"), "yelp")
+    assert data.categories[1] == expected and data.categories[2] == [["Bars"]]
+
+
+def test_yelp_categories_of_another_type_name_the_line(tmp_path):
+    reviews = [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00") for u in range(5) for b in range(5)]
+    businesses = [{"business_id": f"b{b}", "name": "x", "categories": {"Food": True} if b == 3 else "Bars"}
+                  for b in range(5)]
+    write_yelp(tmp_path, reviews, businesses)
+    with pytest.raises(data_prep.PrepError) as e:
+        data_prep.prepare("yelp", str(tmp_path / "out"), str(tmp_path))
+    assert str(e.value) == (f"{tmp_path}/yelp_academic_dataset_business.json:4: categories is dict, expected a "
+                            "string, a list or null; is this a Yelp business file?")
+
+
+def test_yelp_follows_the_benchmark_year_order_and_repeats(tmp_path):
+    """S3-Rec/P5: dates within ['2019-01-01 00:00:00', '2019-12-31 00:00:00'], every rating, repeat
+    visits kept, per-user time order, users numbered by their first line, items by first appearance."""
+    reviews = [("u2", "rare", "2019-06-01 10:00:00")]  # u2's first line; the 5-core removes it
+    reviews += [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00") for b in (4, 3, 2, 1, 0) for u in range(5)]
+    reviews += [("u0", "b0", "2019-12-31 00:00:00"),   # upper bound, inclusive: a repeat visit, kept
+                ("u1", "b1", "2019-12-31 00:00:01"),   # after the upper bound
+                ("u2", "b2", "2018-12-31 23:59:59"),   # before the lower bound
+                ("u3", "b3", "2019-01-01 00:00:00")]   # lower bound, inclusive: u3's earliest visit
+    write_yelp(tmp_path, reviews, [{"business_id": b, "name": b, "categories": "Food"}
+                                   for b in ["rare", "b0", "b1", "b2", "b3", "b4"]])
+    data_prep.prepare("yelp", str(tmp_path / "out"), str(tmp_path))
+    seqs, items = read_processed(tmp_path / "out" / "yelp")
+    assert [it["asin"] for it in items] == ["b0", "b1", "b2", "b3", "b4"]
+    assert seqs == [["1", "2", "3", "4", "5"],          # u2
+                    ["1", "2", "3", "4", "5", "1"],     # u0 with its repeat visit
+                    ["1", "2", "3", "4", "5"],          # u1
+                    ["4", "1", "2", "3", "4", "5"],     # u3
+                    ["1", "2", "3", "4", "5"]]          # u4
+
+
+def test_yelp_dump_without_2019_says_so_with_the_latest_date(tmp_path):
+    reviews = [(f"u{u}", f"b{b}", f"2017-0{b + 1}-0{u + 1} 10:00:00") for u in range(5) for b in range(5)]
+    write_yelp(tmp_path, reviews, [{"business_id": f"b{b}", "name": "x", "categories": ["Food"]} for b in range(5)])
+    with pytest.raises(data_prep.PrepError) as e:
+        data_prep.prepare("yelp", str(tmp_path / "out"), str(tmp_path))
+    assert str(e.value) == (f"{tmp_path}/yelp_academic_dataset_review.json: no review dated 2019-01-01 00:00:00 "
+                            "to 2019-12-31 00:00:00, the benchmark's year (the latest review here is "
+                            "2017-05-05 10:00:00); use a Yelp Open Dataset release that covers 2019 "
+                            "(https://www.yelp.com/dataset)")
+
+
+def test_amazon_repeated_pair_keeps_earliest_and_file_order_does_not_matter(tmp_path):
+    rows = [review(f"u{u}", f"I{i}", 1000 * u + 10 * i) for u in range(1, 6) for i in range(1, 6)]
+    rows.insert(0, review("u1", "I3", 900))  # u1's repeat of I3, earlier in time but later in the file
+    rows[0], rows[3] = rows[3], rows[0]
+    metas = [meta(f"I{i}", f"t{i}") for i in range(1, 6)]
+    asin_seqs = []
+    for name, lines in [("file", rows), ("reversed", rows[::-1])]:
+        raw, out = tmp_path / name / "raw", tmp_path / name / "out"
+        os.makedirs(raw)
+        write_gz(raw / "reviews_Beauty_5.json.gz", lines)
+        write_gz(raw / "meta_Beauty.json.gz", metas)
+        data_prep.prepare("beauty", str(out), str(raw))
+        seqs, items = read_processed(out / "beauty")
+        asin = {str(it["item_id"]): it["asin"] for it in items}
+        asin_seqs.append(sorted([asin[i] for i in s] for s in seqs))
+    assert asin_seqs[0] == asin_seqs[1]
+    assert ["I3", "I1", "I2", "I4", "I5"] in asin_seqs[0]  # u1: I3 at its earliest time (900), once
+    assert sum(len(s) for s in asin_seqs[0]) == 25
+
+
+@pytest.mark.parametrize("plain", ["reviews", "meta", "both"])
+def test_json_gz_already_decompressed_is_read_as_text(tmp_path, plain):
+    """Decided by the gzip magic bytes, never by the name (browsers unpack .gz and keep the name)."""
+    raw = tmp_path / "raw"
+    os.makedirs(raw)
+    amazon_fixture(str(raw))
+    data_prep.prepare("beauty", str(tmp_path / "gz"), str(raw))
+    for name in {"reviews": ["reviews_Beauty_5.json.gz"], "meta": ["meta_Beauty.json.gz"],
+                 "both": ["reviews_Beauty_5.json.gz", "meta_Beauty.json.gz"]}[plain]:
+        with gzip.open(raw / name, "rb") as f:
+            text = f.read()
+        (raw / name).write_bytes(text)
+    data_prep.prepare("beauty", str(tmp_path / "plain"), str(raw))
+    assert read_out(str(tmp_path / "plain")) == read_out(str(tmp_path / "gz"))
+
+
+def test_gzip_under_a_plain_name_is_read_too(tmp_path):
+    reviews = [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00") for u in range(5) for b in range(5)]
+    write_yelp(tmp_path, reviews, [{"business_id": f"b{b}", "name": "x", "categories": "Food"} for b in range(5)])
+    path = tmp_path / data_prep.YELP_FILES[0]
+    text = path.read_bytes()
+    with gzip.open(path, "wb") as f:
+        f.write(text)
+    data_prep.prepare("yelp", str(tmp_path / "out"), str(tmp_path))
+    assert len(read_processed(tmp_path / "out" / "yelp")[0]) == 5
+
+
+class Mirror(BaseHTTPRequestHandler):
+    """/moved answers 200 with an HTML page (a retired dataset link), /file.gz with gzip data."""
+    page = b"<!DOCTYPE html><html><body>This dataset has moved.</body></html>"
+    blob = gzip.compress(b'{"asin": "I1"}\n')
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        kind, body = ("application/gzip", self.blob) if self.path == "/file.gz" else ("text/html", self.page)
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def mirror():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_refuses_an_html_page_and_keeps_nothing(tmp_path, mirror):
+    dest = tmp_path / "raw" / "reviews_Beauty_5.json.gz"
+    with pytest.raises(data_prep.PrepError) as e:
+        data_prep.download([f"{mirror}/moved"], str(dest))
+    assert str(e.value) == (f"could not download reviews_Beauty_5.json.gz ({mirror}/moved: answered with text/html "
+                            "starting b'<!DOCTYPE html><', not gzip data (the link has moved or a web page "
+                            "answered)); fetch it by hand into a folder and pass --raw-dir FOLDER")
+    assert os.listdir(tmp_path / "raw") == []  # neither the final name nor a .part
+    # the next mirror that serves gzip data wins
+    assert data_prep.download([f"{mirror}/moved", f"{mirror}/file.gz"], str(dest)) == str(dest)
+    assert dest.read_bytes() == Mirror.blob and os.listdir(tmp_path / "raw") == [dest.name]
+
+
 def test_download_reuses_complete_file_and_never_leaves_part(tmp_path):
     dest = tmp_path / "f.gz"
     dest.write_bytes(b"done")
@@ -223,6 +387,74 @@ def test_missing_dataset_says_how_to_make_it(tmp_path):
         bimi.load_dataset(str(tmp_path), "beauty")
 
 
+def test_missing_items_file_is_one_line_naming_it(tmp_path):
+    write_processed(str(tmp_path / "d"), ["1 1 2 3"])
+    os.remove(tmp_path / "d" / "items.jsonl")
+    with pytest.raises(bimi.DataError) as e:
+        bimi.load_dataset(str(tmp_path), "d")
+    assert str(e.value) == (f"{tmp_path}/d/items.jsonl not found: run `python data_prep.py d`, which writes "
+                            "sequences.txt and items.jsonl (or pass --data_dir ../shared/data where the "
+                            "benchmark is shared)")
+
+
+@pytest.mark.parametrize("edit", ["trailing blank lines", "byte-order marks", "CRLF", "all three"])
+def test_load_files_as_editors_save_them(tmp_path, edit):
+    write_processed(str(tmp_path / "d"), ["1 1 2 3", "2 3 1"])
+    for name in ("sequences.txt", "items.jsonl"):
+        path = tmp_path / "d" / name
+        text = path.read_text()
+        if edit in ("trailing blank lines", "all three"):
+            text += "\n  \n\n"
+        if edit in ("CRLF", "all three"):
+            text = text.replace("\n", "\r\n")
+        if edit in ("byte-order marks", "all three"):
+            text = "\ufeff" + text
+        path.write_bytes(text.encode("utf-8"))
+    data = bimi.load_dataset(str(tmp_path), "d")
+    assert [s.tolist() for s in data.sequences] == [[1, 2, 3], [3, 1]]
+    assert data.titles == ["", "t1", "t2", "t3"] and data.categories[1] == [["c"]]
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("sequences.txt", "sequences.txt:2: blank line; remove it (one user per line)"),
+    ("items.jsonl", "items.jsonl:2: blank line; remove it (one item per line)"),
+])
+def test_blank_line_in_the_middle_is_named(tmp_path, name, needle):
+    write_processed(str(tmp_path / "d"), ["1 1 2 3", "2 3 1"])
+    path = tmp_path / "d" / name
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:1] + [""] + lines[1:]) + "\n")
+    with pytest.raises(bimi.DataError) as e:
+        bimi.load_dataset(str(tmp_path), "d")
+    assert str(e.value) == f"{tmp_path}/d/{needle}"
+
+
+# ----------------------------------------------------------------------------- repeat consumption
+
+
+def test_repeats_are_counted_and_warned_in_one_line(tmp_path):
+    # users 1, 3 and 5 end on an item they already had; user 3's validation item is a repeat too
+    write_processed(str(tmp_path / "repeats"), ["1 1 2 3 4 1", "2 2 3 4 5 6", "3 3 4 5 3 4",
+                                                "4 4 5 6 1 2", "5 5 6 1 2 5"], n_items=6)
+    data = bimi.load_dataset(str(tmp_path), "repeats")
+    assert data.repeating == 3
+    logged = []
+    counts = bimi.repeat_summary(data, bimi.make_split(data, "loo"), log=logged.append)
+    assert counts == {"repeating_sequences": 3, "valid_in_history": 1, "valid_targets": 5,
+                      "test_in_history": 3, "test_targets": 5}
+    assert logged == ["WARNING: repeats: 3 of 5 sequences repeat an item; 1 of 5 validation targets (20.0 %) and "
+                      "3 of 5 test targets (60.0 %) are already in the user's history, which is masked from the "
+                      "ranking, so no model can hit them"]
+
+
+def test_no_repeats_no_warning(synthetic_dir):
+    data = bimi.load_dataset(synthetic_dir, "synthetic")
+    logged = []
+    counts = bimi.repeat_summary(data, bimi.make_split(data, "user"), log=logged.append)
+    assert data.repeating == 0 and logged == []
+    assert counts["valid_in_history"] == counts["test_in_history"] == 0
+
+
 # ----------------------------------------------------------------------------- splits against a slow reference
 
 
@@ -271,6 +503,22 @@ def test_user_split_matches_comirec_recipe(synthetic_dir):
 
 
 # ----------------------------------------------------------------------------- the real benchmark
+
+
+def test_real_yelp_repeats_match_a_loop_reference():
+    if not os.path.exists(os.path.join(SHARED, "yelp", "sequences.txt")):
+        pytest.skip("../shared/data/yelp is absent (a user's clone has no ../shared)")
+    data = bimi.load_dataset(SHARED, "yelp")
+    assert data.repeating == 7102 == sum(len(set(s.tolist())) < len(s) for s in data.sequences)
+    loo = bimi.repeat_summary(data, bimi.make_split(data, "loo"), log=lambda line: None)
+    assert (loo["test_in_history"], loo["valid_in_history"]) == (2027, 1640)  # 6.7 % and 5.4 % of 30,431
+    split = bimi.make_split(data, "user")
+    counts = bimi.repeat_summary(data, split, log=lambda line: None)
+    for part in ("valid", "test"):
+        evalset = getattr(split, part)
+        hits = sum(t in set(seen.tolist()) for seen, targets in zip(evalset.seen, evalset.targets)
+                   for t in targets.tolist() if t)
+        assert counts[f"{part}_in_history"] == hits
 
 
 def test_real_beauty_counts_and_splits():
