@@ -682,6 +682,7 @@ class LLMClient:
         else:
             words, kind = (str(error) if error else text.strip()[:300]) or "(empty body)", ""
         where = f"{url} (model {model})"
+        words = " ".join(words.split())[:400]  # one line, even for a server that sends its traceback
         said = redact(f"HTTP {status}: {words}", self._key)
         embeddings = path == "/embeddings"
         if payload.get("response_format") and FORMAT_WORDS.search(words) and (status in (400, 422) or status >= 500):
@@ -820,7 +821,7 @@ class LLMClient:
                 with self._lock:
                     if self.formats and self.formats[0] is shape:
                         self.formats.pop(0)
-                        self.log(f"  {e}; trying {'the next shape' if self.formats[1:] else 'without it'}")
+                        self.log(f"  {e}; trying {'its next shape' if self.formats else 'without it'}")
 
     def _chat_answer(self, body):
         url = f"{self.base}/chat/completions (model {self.chat_model})"
@@ -1220,14 +1221,18 @@ def run_esim(cfg, ecfg, log=print):
         texts_of_row = vectors[owner == row]
         semantic[row, :len(texts_of_row)] = texts_of_row
         semantic_mask[row, :len(texts_of_row)] = True
+    # typical users with the same set of interest texts form one group (not each other's InfoNCE negatives)
+    first_seen = {}
+    group = np.array([first_seen.setdefault(tuple(sorted(results[n])), len(first_seen)) for n in kept])
     np.savez(os.path.join(out, "esim.npz"), typical_users=np.array([typical[n]["user"] for n in kept]),
-             semantic=semantic, semantic_mask=semantic_mask, prototypes=prototypes,
+             semantic=semantic, semantic_mask=semantic_mask, semantic_group=group, prototypes=prototypes,
              labels=labels, labelled=labelled, vectors=vectors)
     summary = {"typical_users": len(typical), "parsed": len(kept), "failures": len(failures),
                "texts": len(texts), "text_dim": int(vectors.shape[1]),
                "labelled_users": int(labelled.sum()), "train_users": len(users),
                "mean_label_mass": float(labels[users].sum(1).mean()), "seconds": round(time.time() - t0, 1),
                "prototypes": len(prototypes), "clusters": n_clusters,
+               "typical_with_a_twin": int((np.bincount(group)[group] > 1).sum()),
                "requests": client.requests if client else 0, "cache_hits": client.cache_hits if client else 0,
                "code": code_version()}
     write_json(os.path.join(out, "summary.json"), summary)
@@ -1376,14 +1381,19 @@ def routing_regularizer(attention, hist):
     return (variance ** 2).sum(1).mean()
 
 
-def alignment_loss(interests, semantic, semantic_mask, tau):
+def alignment_loss(interests, semantic, semantic_mask, tau, group=None):
     """Late-interaction InfoNCE between typical users' behavioural interests (B, K, d) and their
-    projected semantic interests (B, J, d): sim(u, w) = mean_j max_k cos(s_wj, v_uk)."""
+    projected semantic interests (B, J, d): sim(u, w) = mean_j max_k cos(s_wj, v_uk), symmetric
+    (METHOD.md section 5). group (B,): typical users whose semantic sets are identical share a
+    group and are not each other's negatives (their texts cannot tell them apart)."""
     v, s = F.normalize(interests, dim=-1), F.normalize(semantic, dim=-1)
     cos = torch.einsum("ukd,wjd->uwjk", v, s).amax(-1)                     # (B, B, J)
     m = semantic_mask.float().unsqueeze(0)
     sim = (cos * m).sum(-1) / m.sum(-1)                                    # (B users, B semantic owners)
     labels = torch.arange(len(v), device=v.device)
+    if group is not None:
+        twins = (group.unsqueeze(0) == group.unsqueeze(1)) & (labels.unsqueeze(0) != labels.unsqueeze(1))
+        sim = sim.masked_fill(twins, -torch.inf)
     return (F.cross_entropy(sim / tau, labels) + F.cross_entropy(sim.T / tau, labels)) / 2
 
 
@@ -1490,7 +1500,7 @@ class Semantics:
     def __init__(self, esim_dir, split, cfg, device):
         z = np.load(os.path.join(esim_dir, "esim.npz"))
         t = lambda a: torch.from_numpy(z[a]).to(device)
-        self.semantic, self.semantic_mask = t("semantic"), t("semantic_mask")
+        self.semantic, self.semantic_mask, self.semantic_group = t("semantic"), t("semantic_mask"), t("semantic_group")
         self.prototypes, self.labels, self.labelled = t("prototypes"), t("labels"), t("labelled").float()
         self.typical_hist = torch.from_numpy(
             last_items([split.train_seqs[int(u)] for u in z["typical_users"]], cfg.max_len)).to(device)
@@ -1500,7 +1510,8 @@ class Semantics:
         """lambda_align * L_align (a side batch of typical users) + lambda_pred * L_pred (this batch)."""
         pick = torch.randperm(len(self.typical_hist), generator=gen)[:cfg.align_batch].to(users.device)
         typical_interests = model(self.typical_hist[pick])[0]
-        align = alignment_loss(typical_interests, self.head(self.semantic[pick]), self.semantic_mask[pick], cfg.tau)
+        align = alignment_loss(typical_interests, self.head(self.semantic[pick]), self.semantic_mask[pick], cfg.tau,
+                               self.semantic_group[pick])
         pred = prediction_loss(interests, self.head(self.prototypes), self.labels[users], self.labelled[users])
         return cfg.lambda_align * align + cfg.lambda_pred * pred
 
@@ -1563,6 +1574,7 @@ def train(cfg, ecfg=None, force=False, log=print):
     data = load_dataset(cfg.data_dir, cfg.dataset)
     split = make_split(data, cfg.protocol, cfg.max_len, cfg.split_seed)
     log(split_summary(data, split, cfg.protocol))
+    repeat_summary(data, split, log)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, data.n_items).to(device)
     semantics = Semantics(esim_dir, split, cfg, device) if cfg.eimf else None
@@ -1690,58 +1702,97 @@ ROWS = [  # (row label, model, EIMF on?, config overrides, ESIM overrides): METH
 TABLE_METRICS = ("recall@20", "ndcg@20", "hitrate@20", "recall@50", "ndcg@50", "hitrate@50")
 
 
+GAIN_METRICS = ("recall@20", "ndcg@20")
+
+
+def paired_bootstrap(backbone, eimf, resamples=2000, seed=0):
+    """Relative gain of EIMF over its backbone with a 95 % paired bootstrap interval over users.
+    backbone, eimf: (S, U) per-user test metrics of S seeds (the same seed = the same encoder
+    initialisation and batch order). Per user, the EIMF-minus-backbone difference is averaged over
+    the seeds; users are resampled with replacement (numpy's PCG64 with `seed`), and each resample's
+    gain is mean(difference) / mean(backbone). Returns (gain %, low %, high %): the gain of the full
+    sample and the 2.5th and 97.5th percentiles of the resampled gains (percentile method)."""
+    base = backbone.mean(0)                                     # (U,)
+    diff = (eimf - backbone).mean(0)                            # (U,)
+    rng = np.random.default_rng(seed)
+    gains = np.empty(resamples)
+    for start in range(0, resamples, 100):                      # (100, U) indices at a time: bounded memory
+        idx = rng.integers(0, len(diff), size=(min(100, resamples - start), len(diff)))
+        gains[start:start + len(idx)] = diff[idx].mean(1) / base[idx].mean(1)
+    low, high = np.percentile(gains, [2.5, 97.5])
+    return 100 * diff.mean() / base.mean(), 100 * low, 100 * high
+
+
 def reproduce(cfg, ecfg, seeds):
-    """Train every row of the table for seeds 1..seeds (finished runs are reused), then write it."""
+    """Train every row of the table (METHOD.md section 6) for seeds 1..seeds (finished runs are
+    reused), then write results/<dataset>.md and .json: mean ± sample std over seeds, the epochs
+    each run trained, each EIMF row's gain with its paired bootstrap interval, the code versions
+    the rows came from. The "categories backend" ablation is a row only when the main backend is
+    the LLM (otherwise it would repeat the main EIMF row)."""
     t0 = time.time()
-    runs = {label: [] for label, *_ in ROWS}
+    rows = [r for r in ROWS if ecfg.backend == "llm" or r[4].get("backend") != "categories"]
+    runs = {label: [] for label, *_ in rows}
     for seed in range(1, seeds + 1):  # seed-major: a whole first table appears early
-        for label, model, eimf, overrides, esim_overrides in ROWS:
+        for label, model, eimf, overrides, esim_overrides in rows:
             e = dataclasses.replace(ecfg, **esim_overrides)
             c = dataclasses.replace(cfg, model=model, seed=seed, eimf=e.backend if eimf else "", **overrides)
             print(f"== {label}, seed {seed}", flush=True)
             runs[label].append(train(c, e))
-    results = []
-    for label, model, eimf, overrides, esim_overrides in ROWS:
+    results, code_versions = [], {}
+    for label, model, eimf, overrides, esim_overrides in rows:
         backend = dataclasses.replace(ecfg, **esim_overrides).backend if eimf else ""
-        tests = []
+        records = []
         for r in runs[label]:
             with open(os.path.join(r, "metrics.json")) as f:
-                tests.append(json.load(f)["test"])
+                records.append(json.load(f))
+            version = records[-1].get("code") or {}
+            code_versions.setdefault(version.get("git") or version.get("bimi_sha256", "unrecorded"), []).append(r)
+        tests = [rec["test"] for rec in records]
         # sample std (n - 1): numpy's default (n) would shrink the seed spread by 18 % at 3 seeds
         stats = {m: (float(np.mean([t[m] for t in tests])),
                      float(np.std([t[m] for t in tests], ddof=1)) if len(tests) > 1 else 0.0)
                  for m in TABLE_METRICS}
         results.append({"row": label, "model": model, "eimf": eimf, "backend": backend, "runs": runs[label],
-                        "tests": tests, "mean_std": stats})
+                        "tests": tests, "mean_std": stats,
+                        "epochs": [f"{rec['best_epoch']}/{len(rec['epochs'])}" for rec in records]})
     data = load_dataset(cfg.data_dir, cfg.dataset)
     popularity = popularity_metrics(make_split(data, cfg.protocol, cfg.max_len, cfg.split_seed), data.n_items)
     backbone = {r["model"]: r for r in results if not r["eimf"]}
     for r in results:
         if r["eimf"]:
-            base = backbone[r["model"]]["mean_std"]
-            r["gain_pct"] = {m: 100 * (r["mean_std"][m][0] / base[m][0] - 1) if base[m][0] else None
-                             for m in ("recall@20", "ndcg@20")}
-            # the same seed starts backbone and EIMF from the same encoder and batch order: paired gains
-            r["gain_per_seed_pct"] = {m: [100 * (e[m] / b[m] - 1) if b[m] else None
-                                          for b, e in zip(backbone[r["model"]]["tests"], r["tests"])]
-                                      for m in ("recall@20", "ndcg@20")}
+            r["gain_pct"] = {}
+            for m in GAIN_METRICS:
+                per_user = [np.stack([np.load(os.path.join(run, "test_per_user.npz"))[m] for run in row["runs"]])
+                            for row in (backbone[r["model"]], r)]
+                gain, low, high = paired_bootstrap(*per_user)
+                r["gain_pct"][m] = {"gain": gain, "ci95": [low, high]}
+    if len(code_versions) > 1:
+        print(f"warning: the table's runs come from {len(code_versions)} code versions ({', '.join(code_versions)}); "
+              "a table for a paper should come from one: remake the older runs (--force, or a fresh runs/)")
     meta = {"dataset": cfg.dataset, "protocol": cfg.protocol, "seeds": seeds, "backend": ecfg.backend,
+            "chat_model": ecfg.chat_model if ecfg.backend == "llm" else None,
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
                        f"{'CUDA ' + torch.cuda.get_device_name() if resolve_device(cfg.device).type == 'cuda' else 'CPU'}",
-            "date": time.strftime("%Y-%m-%d"), "total_s": round(time.time() - t0, 1)}
+            "date": time.strftime("%Y-%m-%d"), "total_s": round(time.time() - t0, 1),
+            "code_versions": sorted(code_versions), "bootstrap": "95 % paired, 2,000 user resamples, seed 0"}
     os.makedirs("results", exist_ok=True)
     write_json(os.path.join("results", f"{cfg.dataset}.json"), {"meta": meta, "rows": results,
                                                                  "popularity": popularity})
-    lines = [f"{cfg.dataset}, protocol {cfg.protocol}, full ranking, test split, mean ± sample std over seeds 1-{seeds}; "
-             f"EIMF backend: {ecfg.backend}" + (" (no LLM: category paths)" if ecfg.backend == "categories" else ""),
-             "", "| row | " + " | ".join(TABLE_METRICS) + " | gain R@20 / N@20 |",
-             "|---" * (len(TABLE_METRICS) + 2) + "|"]
+    backend_name = ("LLM " + ecfg.chat_model if ecfg.backend == "llm" else "categories (no LLM: category paths)")
+    lines = [f"{cfg.dataset}, protocol {cfg.protocol}, full ranking, test split, mean ± sample std over seeds "
+             f"1-{seeds}; EIMF backend: {backend_name}; gain: relative to the backbone, with its 95 % paired "
+             "bootstrap interval over users",
+             "", "| row | " + " | ".join(TABLE_METRICS) + " | gain R@20 [95 % CI] | gain N@20 [95 % CI] | epochs (best/run) |",
+             "|---" * (len(TABLE_METRICS) + 4) + "|"]
     for r in results:
         cells = [f"{m:.4f} ± {s:.4f}" for m, s in (r["mean_std"][k] for k in TABLE_METRICS)]
-        gain = (f"{r['gain_pct']['recall@20']:+.1f}% / {r['gain_pct']['ndcg@20']:+.1f}%" if r.get("gain_pct") else "")
-        lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {gain} |")
-    lines.append("| popularity (reference floor) | " + " | ".join(f"{popularity[k]:.4f}" for k in TABLE_METRICS) + " | |")
-    lines += ["", f"{meta['machine']}; {meta['date']}; {meta['total_s']:.0f} s for this invocation."]
+        gains = [f"{g['gain']:+.1f} % [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]"
+                 for g in (r["gain_pct"][m] for m in GAIN_METRICS)] if r["eimf"] else ["", ""]
+        lines.append(f"| {r['row']} | " + " | ".join(cells + gains) + f" | {', '.join(r['epochs'])} |")
+    lines.append("| popularity (reference floor) | " + " | ".join(f"{popularity[k]:.4f}" for k in TABLE_METRICS)
+                 + " | | | |")
+    lines += ["", f"{meta['machine']}; {meta['date']}; {meta['total_s']:.0f} s for this invocation; "
+                  f"code {', '.join(meta['code_versions'])}."]
     with open(os.path.join("results", f"{cfg.dataset}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -1794,7 +1845,9 @@ def main(argv=None):
     try:
         if command == "info":
             data = load_dataset(cfg.data_dir, cfg.dataset)
-            print(split_summary(data, make_split(data, cfg.protocol, cfg.max_len, cfg.split_seed), cfg.protocol))
+            split = make_split(data, cfg.protocol, cfg.max_len, cfg.split_seed)
+            print(split_summary(data, split, cfg.protocol))
+            repeat_summary(data, split)
         elif command == "train":
             train(cfg, ecfg, force=extra.get("--force", False))
         elif command == "esim":
