@@ -737,8 +737,7 @@ class LLMClient:
                                "not re-sent (the server may still be working on it): raise --timeout",
                                per_user=True) from None
             except requests.ConnectionError as e:
-                problem = f"cannot connect ({type(e).__name__}); is the server running?"
-                error = LLMError(f"{url} (model {model}): {problem}")
+                error = LLMError(f"{url} (model {model}): cannot connect ({type(e).__name__}); is the server running?")
             except requests.RequestException as e:  # invalid URL, too many redirects, broken stream ...
                 raise LLMError(f"{url} (model {model}): {redact(str(e), self._key)}") from None
             else:
@@ -767,12 +766,11 @@ class LLMClient:
                     raise LLMError(f"{error} (the same answer twice: not retried further)", error.per_user)
                 last = str(error)
                 wait = retry_after_seconds(r.headers)
-                problem = f"HTTP {status}"
             if attempt == self.cfg.max_retries:
                 raise LLMError(f"giving up after {attempt + 1} attempts: {error}", error.per_user)
             if wait is None:
                 wait = min(self.cfg.retry_wait * 2.0 ** attempt, 60.0) * (0.5 + self._rng.random())
-            self.log(f"  {url}: {problem}, retrying in {wait:.1f} s")
+            self.log(f"  {error}; retrying in {wait:.1f} s")
             time.sleep(wait)
 
     def _cached(self, kind, base, payload, extract):
