@@ -56,8 +56,8 @@ class Config:
     dim: int = 64                   # embedding and interest width d
     interests: int = 4              # K interest vectors per user
     routing_iters: int = 3          # dynamic-routing iterations (mind, comirec-dr)
-    rlambda: float = 100.0          # REMI routing-regularisation weight (remi only), REMI's default
-    rbeta: float = 0.1              # REMI hard-negative temperature exp(rbeta * logit) (remi only)
+    rlambda: float = 100.0          # REMI routing regularisation weight (remi only): REMI's code defaults to 0, its README uses 100 at batch 128; the term sums over the batch, so 25 at batch 512 is that weight
+    rbeta: float = 0.1              # REMI hard-negative weights exp(rbeta * logit) (remi only): REMI's code defaults to 0 (off), its README uses 10 (Books), 1 (Gowalla), 0.1 (RetailRocket)
     # training
     loss: str = "full"              # "full" softmax over all items, or "sampled" for big catalogues
     negatives: int = 1000           # shared uniform negatives per batch when loss = "sampled"
@@ -879,9 +879,18 @@ def hard_readout(interests, target_vecs):
 
 
 def recommendation_loss(user_vecs, targets, item_table, cfg, gen=None):
-    """Softmax cross-entropy of the target, over all items ("full") or over shared uniform
+    """Softmax cross-entropy of the target, batch mean: over all items ("full") or over shared uniform
     negatives ("sampled"; uniform sampling makes the log-Q correction a constant, which cancels).
-    With rbeta > 0 (REMI) negatives are reweighted by exp(rbeta * logit), weights averaging 1."""
+    user_vecs (B, d), targets (B,) item ids >= 1, item_table (N + 1, d) with row 0 the padding.
+
+    REMI (model "remi", rbeta > 0) reweights the negatives, as REMI's code does (Tokkiu/REMI,
+    src/BasicModel.py, NCELoss.sampled_softmax_loss): with s_j the negatives' logits,
+        loss = -s_pos + log(exp(s_pos) + sum_j w_j exp(s_j)),  w_j = exp(rbeta s_j) / mean_j' exp(rbeta s_j'),
+    so the weights average 1, the positive keeps weight 1, and gradients flow through the weights.
+    The negatives are every other item ("full") or the sampled items other than the target
+    ("sampled"). REMI's code keeps a sampled copy of the target among its negatives, and with all
+    items as samples (its sampled_n = 1) the target and the padding row too; the kit never does.
+    Raises SystemExit for an unknown cfg.loss."""
     if cfg.loss == "full":
         logits = user_vecs @ item_table[1:].T                              # (B, N): padding is never a candidate
         column = targets - 1
@@ -895,24 +904,25 @@ def recommendation_loss(user_vecs, targets, item_table, cfg, gen=None):
     else:
         raise SystemExit(f"error: --loss must be full or sampled, got {cfg.loss!r}")
     if cfg.model == "remi" and cfg.rbeta > 0:
-        rows = torch.arange(len(targets), device=targets.device)
-        log_w = cfg.rbeta * logits.detach()                                # (B, columns), no gradient
-        log_w[rows, column] = -torch.inf                                   # only negatives get weights
-        n_neg = (log_w > -torch.inf).sum(1, keepdim=True)                  # accidental hits are -inf too
-        log_w -= log_w.logsumexp(1, keepdim=True) - n_neg.log()            # weights average 1
-        log_w[rows, column] = 0                                            # the positive keeps its logit
-        logits = logits + log_w
+        is_target = torch.arange(logits.shape[1], device=logits.device) == column.unsqueeze(1)  # (B, columns)
+        negative = cfg.rbeta * logits.masked_fill(is_target, -torch.inf)   # (B, columns), accidental hits -inf too
+        n_neg = torch.isfinite(negative).sum(1, keepdim=True)
+        log_w = negative - negative.logsumexp(1, keepdim=True) + n_neg.log()  # log w_j; not detached, as REMI
+        logits = logits + log_w.masked_fill(is_target, 0.0)               # exp(s_j) w_j; the positive unweighted
     return F.cross_entropy(logits, column)
 
 
-def routing_regularizer(attention, hist):
-    """REMI: penalise the variance of each interest's attention over the real positions
-    (a peaked, collapsed routing has a high variance). attention (B, K, L)."""
-    mask = (hist > 0).unsqueeze(1).float()
-    n = mask.sum(-1, keepdim=True)
-    mean = (attention * mask).sum(-1, keepdim=True) / n
-    variance = (((attention - mean) * mask) ** 2).sum(-1) / n.squeeze(-1)  # (B, K)
-    return (variance ** 2).sum(1).mean()
+def routing_regularizer(attention, dim):
+    """REMI's routing regularisation, transcribed from its code (Tokkiu/REMI, src/REMI.py,
+    calculate_atten_loss): for each example b and interest k, the squared deviations of the
+    attention from its mean over all L positions (padding included, as REMI's code), summed and
+    divided by the embedding width d (REMI's diag(C C^T) / hidden_size); squared; summed over the
+    interests and over the batch. attention (B, K, L), dim d -> scalar.
+
+    A sum over the batch, not a mean: rlambda's effect grows with the batch size."""
+    deviation = attention - attention.mean(2, keepdim=True)               # (B, K, L)
+    spread = (deviation ** 2).sum(2) / dim                                 # (B, K)
+    return (spread ** 2).sum()
 
 
 def alignment_loss(interests, semantic, semantic_mask, tau):
@@ -1049,7 +1059,7 @@ def training_step(model, optimizer, batch, cfg, sampler=None, semantics=None):
     table = model.items.weight
     loss = recommendation_loss(hard_readout(interests, table[y]), y, table, cfg, sampler)
     if cfg.model == "remi":
-        loss = loss + cfg.rlambda * routing_regularizer(attention, h)
+        loss = loss + cfg.rlambda * routing_regularizer(attention, cfg.dim)
     if semantics:
         loss = loss + semantics.loss(model, interests, u, cfg, sampler)
     optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from conftest import ROOT
 
 
 class FixedInterests(torch.nn.Module):
-    """A stand-in encoder: user row r (passed as hist[:, 0]) has the given interests."""
+    """A stand-in encoder: user row r (passed as hist[:, 0] = r + 1) has the given interests."""
 
     def __init__(self, interests, table):
         super().__init__()
@@ -112,7 +112,7 @@ def test_encoder_shapes_padding_and_gradients(model_name):
     user = bimi.hard_readout(interests, model.items.weight[target])
     loss = bimi.recommendation_loss(user, target, model.items.weight, cfg)
     if model_name == "remi":
-        loss = loss + cfg.rlambda * bimi.routing_regularizer(attention, hist)
+        loss = loss + cfg.rlambda * bimi.routing_regularizer(attention, cfg.dim)
     loss.backward()
     grad = model.items.weight.grad
     assert grad[[3, 9, 4, 20, 30]].abs().sum(1).min() > 0  # history items and targets learn
@@ -153,17 +153,67 @@ def test_sampled_softmax_and_remi_weighting_against_direct_formula():
     assert bimi.recommendation_loss(user, target, table, sampled, gen).item() == pytest.approx(expected.item())
 
 
-def test_routing_regularizer_against_loop():
+def remi_sampled_softmax(pos, negs, beta):
+    """REMI's NCELoss.sampled_softmax_loss with beta != 0 (Tokkiu/REMI, src/BasicModel.py), line by
+    line, for one example: pos a 0-d logit, negs a list of 0-d logits."""
+    x = [pos] + negs
+    top = max(x)
+    x = [v - top for v in x]                              # x = x - max(x)
+    pos = torch.exp(x[0])
+    neg = [torch.exp(v) for v in x[1:]]
+    top_beta = max(beta * v for v in x[1:])
+    imp = [torch.exp(beta * v - top_beta) for v in x[1:]]  # imp = exp(beta x_neg - max(beta x_neg)), not detached
+    reweight_neg = sum(i * e for i, e in zip(imp, neg)) / (sum(imp) / len(imp))
+    return -(x[0] - torch.log(pos + reweight_neg))
+
+
+def relative_difference(ours, ref):
+    return float(((ours - ref).abs().max() / ref.abs().max()).detach())
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+@pytest.mark.parametrize("rbeta", [0.1, 1.0, 5.0])
+def test_remi_loss_and_gradient_match_remis_code(loss, rbeta):
     g = torch.Generator().manual_seed(0)
-    hist = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
-    attention = torch.rand(2, 3, 4, generator=g).masked_fill(hist.unsqueeze(1) == 0, 0)
-    total = 0.0
+    user = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(31, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    negatives = torch.randint(1, 31, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    target = torch.tensor([negatives[0], 4, 9, 16, 25, 30])  # user 0 draws its own target: an accidental hit
+    cfg = bimi.Config(model="remi", loss=loss, negatives=12, rbeta=rbeta)
+    ours = bimi.recommendation_loss(user, target, table, cfg, torch.Generator().manual_seed(1))
+    per_example = []
+    for b in range(6):
+        s = table @ user[b]
+        candidates = range(1, 31) if loss == "full" else negatives
+        negs = [s[j] for j in candidates if j != target[b]]  # the kit never counts the target as a negative
+        per_example.append(remi_sampled_softmax(s[target[b]], negs, rbeta))
+    ref = torch.stack(per_example).mean()                      # REMI's reduction="elementwise_mean"
+    assert relative_difference(ours, ref) < 1e-5
+    for a, b in zip(torch.autograd.grad(ours, (user, table)), torch.autograd.grad(ref, (user, table))):
+        assert relative_difference(a, b) < 1e-5
+
+
+def test_routing_regularizer_and_gradient_match_remis_code():
+    torch.manual_seed(0)
+    cfg = bimi.Config(model="remi", max_len=6, dim=8, interests=3)
+    model = bimi.make_model(cfg, n_items=30).double()
+    hist = torch.tensor([[3, 9, 4, 0, 0, 0], [7, 1, 2, 5, 8, 11]])
+    attention = model(hist)[1]                                 # (2, 3, 6), zero on the padding
+    ours = bimi.routing_regularizer(attention, cfg.dim)
+    ref = 0  # calculate_atten_loss (Tokkiu/REMI, src/REMI.py) with its bmm, diagonal and norm as loops
     for b in range(2):
-        n = int((hist[b] > 0).sum())
+        n2 = 0
         for k in range(3):
-            a = attention[b, k, :n]
-            total += float(((a - a.mean()) ** 2).mean()) ** 2
-    assert bimi.routing_regularizer(attention, hist).item() == pytest.approx(total / 2, rel=1e-5)
+            a = attention[b, k]
+            c_mean = sum(a) / len(a)                           # mean over every position, padding included
+            dr = sum((x - c_mean) * (x - c_mean) for x in a) / cfg.dim  # diagonal of C_reg C_reg^T / hidden_size
+            n2 = n2 + dr ** 2                                  # torch.norm(dr, dim=1) ** 2
+        ref = ref + n2                                         # n2.sum(): over the batch
+    assert relative_difference(ours, ref) < 1e-5
+    params = list(model.parameters())  # the whole gradient: the heads' bias has none (softmax ignores a shift)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])
+    assert relative_difference(flat(torch.autograd.grad(ours, params, retain_graph=True)),
+                               flat(torch.autograd.grad(ref, params))) < 1e-5
 
 
 # ----------------------------------------------------------------------------- real training on synthetic
