@@ -948,74 +948,120 @@ def prediction_loss(interests, prototypes, labels, weights):
 # evaluation (full ranking, max over interests, history masked)
 
 
-@torch.no_grad()
-def score_items(model, hist, seen):
-    """score(u, i) = max_k <v_uk, e_i>, -inf on padding and on the user's history: (B, N + 1)."""
-    interests = model(hist)[0]
-    table = model.items.weight
-    scores = interests[:, 0] @ table.T
-    for k in range(1, interests.shape[1]):
-        torch.maximum(scores, interests[:, k] @ table.T, out=scores)
+def mask_seen(scores, seen):
+    """-inf on the padding column and on each user's history, in place: scores (B, N + 1), seen (B, S)."""
     scores[:, 0] = -torch.inf
     return scores.scatter_(1, seen, -torch.inf)
 
 
 @torch.no_grad()
+def score_items(model, hist, seen):
+    """score(u, i) = max_k <v_uk, e_i>, -inf on padding and on the user's history: (B, N + 1).
+    hist (B, L) right-padded history, seen (B, S) items to mask (0-padded).
+
+    Raises ValueError for an empty history (an all-zero row): a user without items has no
+    interests (ComiRec-SA's softmax over padding alone is NaN); rank such a user by popularity."""
+    empty = (hist == 0).all(1)
+    if empty.any():
+        raise ValueError(f"{int(empty.sum())} users have an empty history (rows "
+                         f"{empty.nonzero()[:5, 0].tolist()}...): the encoders need at least one item")
+    interests = model(hist)[0]
+    table = model.items.weight
+    scores = interests[:, 0] @ table.T
+    for k in range(1, interests.shape[1]):
+        torch.maximum(scores, interests[:, k] @ table.T, out=scores)
+    return mask_seen(scores, seen)
+
+
+def top_items(scores, n):
+    """The n best columns of each row, best first, ties to the lower id: (B, N + 1) -> (B, n).
+
+    topk alone may pick and order tied scores either way. When the (n + 1)-th best score equals
+    the n-th (the cut), items tied at the cut were left out, and the row is redone exactly: every
+    item above the cut is listed, and the lowest ids among the items at the cut fill the rest.
+    A stable sort of the n ids, taken in increasing order, then puts equal scores lower id first."""
+    n = min(n, scores.shape[1])
+    values, ids = scores.topk(min(n + 1, scores.shape[1]), dim=1)          # (B, n + 1): one more, to see ties
+    cut = values[:, n - 1:n]                                                # (B, 1) the n-th best score
+    crowded = (values[:, n:] == cut).any(1).nonzero()[:, 0]                 # rows with tied items left out
+    ids = ids[:, :n]
+    if len(crowded):
+        s, c = scores[crowded], cut[crowded]
+        above, tied = s > c, s == c
+        keep = above | (tied & (tied.cumsum(1, dtype=torch.int32) <= n - above.sum(1, keepdim=True)))  # n per row
+        ids[crowded] = keep.nonzero()[:, 1].view(-1, n)
+    ids = ids.sort(dim=1).values                                            # increasing ids
+    order = scores.gather(1, ids).sort(dim=1, descending=True, stable=True).indices
+    return ids.gather(1, order)
+
+
+@torch.no_grad()
 def recommend(model, hist, seen, n):
-    """Top-n items per user: the whole inference path (no LLM, no text)."""
-    return score_items(model, hist, seen).topk(n, dim=1).indices
-
-
-def target_ranks(scores, targets):
-    """1-based rank of each target (ties go to the lower item id); inf for padding or masked
-    targets. Exact, with no top-N list: counts the items that beat each target. (B, T)."""
-    ids = torch.arange(scores.shape[1], device=scores.device)
-    ranks = torch.full(targets.shape, torch.inf, device=scores.device)
-    for t in range(targets.shape[1]):
-        s = scores.gather(1, targets[:, t:t + 1])                           # (B, 1)
-        ahead = (scores > s) | ((scores == s) & (ids < targets[:, t:t + 1]))
-        valid = (targets[:, t] > 0) & torch.isfinite(s[:, 0])
-        ranks[:, t] = torch.where(valid, ahead.sum(1).float() + 1, torch.inf)
-    return ranks
+    """Top-n items per user (ties to the lower id): the whole inference path (no LLM, no text).
+    hist (B, L), seen (B, S) -> (B, n) item ids; ValueError for an empty history (score_items)."""
+    return top_items(score_items(model, hist, seen), n)
 
 
 def metrics_from_ranks(ranks, n_targets, cutoffs):
-    """Per-user Recall, NDCG, HitRate at each cut-off (METHOD.md section 2), summed over users."""
+    """Recall, NDCG and HitRate of each user at each cut-off (METHOD.md section 2): ranks (B, T),
+    1-based, inf for a target out of the list or padding; n_targets (B,) -> {"recall@20": (B,), ...}."""
     out = {}
     for n in cutoffs:
         hit = ranks <= n
         ideal = (1 / torch.log2(torch.arange(2, n + 2, device=ranks.device).float())).cumsum(0)
         idcg = ideal[(n_targets.clamp(1, n) - 1)]
-        out[f"recall@{n}"] = (hit.sum(1) / n_targets).sum().item()
-        out[f"ndcg@{n}"] = ((hit / torch.log2(ranks + 1)).sum(1) / idcg).sum().item()
-        out[f"hitrate@{n}"] = hit.any(1).float().sum().item()
+        out[f"recall@{n}"] = hit.sum(1) / n_targets
+        out[f"ndcg@{n}"] = (hit / torch.log2(ranks + 1)).sum(1) / idcg
+        out[f"hitrate@{n}"] = hit.any(1).float()
     return out
 
 
+def trim(rows):
+    """Drop the all-padding columns on the right of a right-padded (B, W) array (one column at least)."""
+    return rows[:, :max(1, int((rows > 0).sum(1).max()))]
+
+
 @torch.no_grad()
-def evaluate(model, evalset, device, batch=256, cutoffs=(10, 20, 50)):
-    model.eval()
-    totals = {}
+def evaluate_per_user(score, evalset, device, batch=256, cutoffs=(10, 20, 50)):
+    """Each user's Recall, NDCG and HitRate at each cut-off (METHOD.md section 2), full ranking:
+    {"recall@20": (U,) float64 array, ...} in the order of evalset.users.
+
+    score(hist, seen) -> (B, N + 1) scores, -inf where an item is no candidate (score_items for
+    an encoder). A target's rank is its place in the user's top-max(cutoffs) list (top_items: ties
+    to the lower id), so a user costs one ranking whatever its number of targets; a target off the
+    list, in the history or padding is never a hit. Each batch's seen and targets are cut to its
+    own widest row. Memory: a few (batch, N + 1) arrays."""
+    n = max(cutoffs)
+    parts = []
     for i in range(0, len(evalset.users), batch):
-        hist, seen, targets = (torch.from_numpy(a[i:i + batch]).to(device)
-                               for a in (evalset.hist, evalset.seen, evalset.targets))
-        ranks = target_ranks(score_items(model, hist, seen), targets)
-        for k, v in metrics_from_ranks(ranks, (targets > 0).sum(1), cutoffs).items():
-            totals[k] = totals.get(k, 0.0) + v
-    return {k: v / len(evalset.users) for k, v in totals.items()}
+        hist = torch.from_numpy(evalset.hist[i:i + batch]).to(device)
+        seen, targets = (torch.from_numpy(trim(a[i:i + batch])).to(device) for a in (evalset.seen, evalset.targets))
+        scores = score(hist, seen)
+        top = top_items(scores, n)                                              # (B, n)
+        listed = torch.isfinite(scores.gather(1, top))                          # (B, n)
+        found = (top.unsqueeze(1) == targets.unsqueeze(2)) & listed.unsqueeze(1)  # (B, T, n)
+        ranks = torch.where(found.any(2), found.int().argmax(2) + 1.0, torch.inf)  # (B, T)
+        parts.append(metrics_from_ranks(ranks, (targets > 0).sum(1), cutoffs))
+    return {k: torch.cat([p[k] for p in parts]).double().cpu().numpy() for k in parts[0]}
+
+
+def evaluate(model, evalset, device, batch=256, cutoffs=(10, 20, 50)):
+    """The mean over users of evaluate_per_user for an encoder: {"recall@20": float, ...}."""
+    model.eval()
+    per_user = evaluate_per_user(functools.partial(score_items, model), evalset, device, batch, cutoffs)
+    return {k: float(v.mean()) for k, v in per_user.items()}
 
 
 def popularity_metrics(split, n_items, cutoffs=(10, 20, 50)):
-    """The floor every encoder must beat: rank items by training frequency."""
+    """The floor every encoder must beat: rank items by training frequency (ties to the lower id);
+    mean metrics over the test users, through evaluate_per_user's loop (one batch at a time)."""
     counts = torch.bincount(torch.from_numpy(np.concatenate(list(split.train_seqs.values()))),
-                            minlength=n_items + 1).float()
-    ev = split.test
-    scores = counts.expand(len(ev.users), -1).clone()
-    scores[:, 0] = -torch.inf
-    scores.scatter_(1, torch.from_numpy(ev.seen), -torch.inf)
-    targets = torch.from_numpy(ev.targets)
-    totals = metrics_from_ranks(target_ranks(scores, targets), (targets > 0).sum(1), cutoffs)
-    return {k: v / len(ev.users) for k, v in totals.items()}
+                            minlength=n_items + 1).float()                          # (N + 1,)
+
+    def score(hist, seen):
+        return mask_seen(counts.expand(len(hist), -1).clone(), seen)
+    per_user = evaluate_per_user(score, split.test, torch.device("cpu"), cutoffs=cutoffs)
+    return {k: float(v.mean()) for k, v in per_user.items()}
 
 
 # -----------------------------------------------------------------------------

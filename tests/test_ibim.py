@@ -1,5 +1,7 @@
-"""IBIM: metrics against loops, the max-over-interests ranking against ComiRec's merge, the
-encoders' invariances, and short real trainings on the synthetic dataset."""
+"""IBIM: metrics and ties against loops, REMI's losses against a transcription of its code, the
+max-over-interests ranking against ComiRec's merge, the encoders' invariances, and short real
+trainings on the synthetic dataset."""
+import functools
 import json
 import math
 import os
@@ -25,11 +27,15 @@ class FixedInterests(torch.nn.Module):
         self.items = torch.nn.Embedding.from_pretrained(table)
 
     def forward(self, hist):
-        return self.interests[hist[:, 0]], None
+        return self.interests[hist[:, 0] - 1], None
+
+
+def user_rows(users):
+    return torch.arange(1, users + 1).unsqueeze(1)  # (users, 1): FixedInterests' row r + 1
 
 
 def reference_metrics(scores, seen, targets, n):
-    """Loop version of METHOD.md section 2: sort the unseen items by (-score, id), cut at n."""
+    """Loop version of METHOD.md section 2: sort the unseen items by (-score, id), cut at n; per user."""
     out = {"recall": [], "ndcg": [], "hitrate": []}
     for s, h, t in zip(scores, seen, targets):
         t = [x for x in t if x > 0]
@@ -39,7 +45,7 @@ def reference_metrics(scores, seen, targets, n):
         out["hitrate"].append(1.0 if hits else 0.0)
         idcg = sum(1 / math.log2(j + 1) for j in range(1, min(len(t), n) + 1))
         out["ndcg"].append(sum(1 / math.log2(r + 1) for r in hits) / idcg)
-    return {f"{k}@{n}": float(np.mean(v)) for k, v in out.items()}
+    return {f"{k}@{n}": np.array(v) for k, v in out.items()}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -59,16 +65,16 @@ def test_metrics_match_loop_reference_with_ties_and_masked_targets(seed):
         if u % 5 == 0:  # a target already in the history: it can never be hit, but counts in |T|
             targets[u, 0] = seen[u, 0]
     model = FixedInterests(interests, table)
-    hist = torch.arange(users).unsqueeze(1)
-    scores = bimi.score_items(model, hist, torch.from_numpy(seen))
-    ranks = bimi.target_ranks(scores, torch.from_numpy(targets))
-    n_targets = torch.from_numpy((targets > 0).sum(1))
-    ours = {k: v / users for k, v in bimi.metrics_from_ranks(ranks, n_targets, (1, 3, 5, 20)).items()}
+    evalset = bimi.EvalSet(np.arange(users), user_rows(users).numpy(), seen, targets)
+    cutoffs = (1, 3, 5, 20, 60)  # 1 and 3 are below some users' target counts; 60 lists every unseen item
     full = (interests @ table.T).amax(1).numpy()  # (users, n_items + 1), unmasked
-    for n in (1, 3, 5, 20):  # n = 1 and 3 are below some users' target counts, 20 above all
-        ref = reference_metrics(full, seen, targets, n)
-        for k, v in ref.items():
-            assert ours[k] == pytest.approx(v, abs=1e-6), (k, n)
+    means = bimi.evaluate(model, evalset, "cpu", batch=7, cutoffs=cutoffs)
+    for batch in (7, users):  # batches of mixed widths, and one batch
+        ours = bimi.evaluate_per_user(functools.partial(bimi.score_items, model), evalset, "cpu", batch, cutoffs)
+        for n in cutoffs:
+            for k, v in reference_metrics(full, seen, targets, n).items():
+                np.testing.assert_allclose(ours[k], v, atol=1e-6, err_msg=f"{k} batch {batch}")
+                assert means[k] == pytest.approx(v.mean(), abs=1e-6)
 
 
 def test_max_over_interests_equals_comirec_merge():
@@ -77,7 +83,7 @@ def test_max_over_interests_equals_comirec_merge():
     table, interests = torch.randn(n_items + 1, d, generator=g), torch.randn(users, K, d, generator=g)
     seen = torch.randint(1, n_items + 1, (users, 10), generator=g)
     model = FixedInterests(interests, table)
-    ours = bimi.recommend(model, torch.arange(users).unsqueeze(1), seen, n)
+    ours = bimi.recommend(model, user_rows(users), seen, n)
     for u in range(users):
         pool = []  # ComiRec: top-n per interest, pooled, sorted by score, de-duplicated
         for k in range(K):
@@ -92,6 +98,34 @@ def test_max_over_interests_equals_comirec_merge():
                 taken.add(item)
                 merged.append(item)
         assert ours[u].tolist() == merged[:n]
+
+
+@pytest.mark.parametrize("n", [1, 7, 30, 200])
+def test_recommend_breaks_ties_toward_the_lower_item_id(n):
+    g = torch.Generator().manual_seed(n)
+    users, n_items, K, d = 50, 200, 2, 3
+    table = torch.randint(-1, 2, (n_items + 1, d), generator=g).float()  # 27 distinct vectors: huge tie groups
+    interests = torch.randint(-1, 2, (users, K, d), generator=g).float()
+    seen = torch.randint(0, n_items + 1, (users, 150), generator=g)   # n = 200 reaches the -inf items too
+    ours = bimi.recommend(FixedInterests(interests, table), user_rows(users), seen, n)
+    scores = (interests @ table.T).amax(1)
+    for u in range(users):
+        masked = {0, *seen[u].tolist()}
+        s = [-math.inf if i in masked else float(scores[u, i]) for i in range(n_items + 1)]
+        assert ours[u].tolist() == sorted(range(n_items + 1), key=lambda i: (-s[i], i))[:n]
+
+
+@pytest.mark.parametrize("model_name", bimi.MODELS)
+def test_an_empty_history_is_a_clear_error_never_nan(model_name):
+    cfg = bimi.Config(model=model_name, max_len=6, dim=8, interests=3)
+    torch.manual_seed(0)
+    model = bimi.make_model(cfg, n_items=30).eval()
+    hist = torch.tensor([[3, 9, 4, 0, 0, 0], [0, 0, 0, 0, 0, 0], [7, 1, 0, 0, 0, 0]])
+    seen = hist.clone()
+    with pytest.raises(ValueError, match="1 users have an empty history"):
+        bimi.recommend(model, hist, seen, 5)
+    scores = bimi.score_items(model, hist[[0, 2]], seen[[0, 2]])
+    assert not scores.isnan().any() and torch.isfinite(scores[:, 1:]).sum() == 2 * 30 - 5
 
 
 @pytest.mark.parametrize("model_name", bimi.MODELS)
