@@ -1212,14 +1212,11 @@ def train(cfg, ecfg=None, force=False, log=print):
 # command line
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def bench_one(cfg):
-    """Seconds per training epoch, seconds to evaluate all test users, peak memory: one JSON line."""
+def bench_one(cfg, steps=0):
+    """One encoder at the dataset's scale, one JSON line: seconds per training step over the first
+    `steps` steps of an epoch (0: the whole epoch; epoch_s extrapolates a slice), test users ranked
+    against the full catalogue per second (every test user), and the peak resident memory of this
+    process in MB (with the device's peak allocation on CUDA)."""
     device = resolve_device(cfg.device)
     t0 = time.time()
     data = load_dataset(cfg.data_dir, cfg.dataset)
@@ -1229,21 +1226,29 @@ def bench_one(cfg):
     model = make_model(cfg, data.n_items).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     arrays = [torch.from_numpy(a) for a in (split.train_hist, split.train_target, split.train_user)]
+    epoch_steps = math.ceil(len(arrays[1]) / cfg.batch_size)
+    steps = min(steps, epoch_steps) if steps > 0 else epoch_steps
     model.train()
     t0 = time.time()
-    for start in range(0, len(arrays[1]), cfg.batch_size):
+    for start in range(0, steps * cfg.batch_size, cfg.batch_size):
         training_step(model, optimizer, [a[start:start + cfg.batch_size].to(device) for a in arrays], cfg)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    epoch_s = time.time() - t0
+    step_s = (time.time() - t0) / steps
     t0 = time.time()
     evaluate(model, split.test, device, cfg.eval_batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    print(json.dumps({"model": cfg.model, "load_split_s": round(load_s, 2), "epoch_s": round(epoch_s, 2),
-                      "eval_test_s": round(time.time() - t0, 2), "test_users": len(split.test.users),
-                      "peak_mb": round(peak_memory_mb(device)), "device": str(device),
-                      "threads": torch.get_num_threads()}), flush=True)
+    eval_s = time.time() - t0
+    record = {"model": cfg.model, "items": data.n_items, "users": len(data.sequences), "protocol": cfg.protocol,
+              "loss": cfg.loss, "load_split_s": round(load_s, 2), "steps": steps, "step_s": round(step_s, 4),
+              "epoch_steps": epoch_steps, "epoch_s": round(step_s * epoch_steps, 1), "eval_s": round(eval_s, 2),
+              "test_users": len(split.test.users), "users_per_s": round(len(split.test.users) / eval_s),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              "device": str(device), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        record["device_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
+    print(json.dumps(record), flush=True)
 
 
 def bench_kmeans(cfg, ecfg):
@@ -1330,7 +1335,8 @@ commands:
   info       load the dataset, build the split and print a summary
   train      train one run (backbone, or EIMF with --eimf categories|llm)
   esim       run ESIM for a trained backbone (--model, --backend, --embedder ...)
-  bench      seconds per epoch, test-evaluation seconds and peak memory per encoder, and k-means
+  bench      per encoder: seconds per training step (--bench_steps N: the first N steps of an epoch;
+             default the whole epoch), test users ranked per second, peak memory; and k-means
   reproduce  every row of the results table over --seeds N (default 3)
 
 Every field of Config and EsimConfig is an option (see the top of bimi.py), e.g.
@@ -1345,7 +1351,7 @@ def main(argv=None):
         return
     command, args = argv[0], argv[1:]
     extra = {}
-    for flag in ("--force", "--seeds"):  # command options that are not config fields; the last one wins
+    for flag in ("--force", "--seeds", "--bench_steps"):  # command options that are not config fields; the last one wins
         while flag in args:
             i = args.index(flag)
             extra[flag] = True if flag == "--force" else int(args[i + 1])
@@ -1360,12 +1366,13 @@ def main(argv=None):
         elif command == "esim":
             run_esim(cfg, ecfg)
         elif command == "bench":
-            for model in MODELS:
-                subprocess.run([sys.executable, os.path.abspath(__file__), "_bench_one", *args, "--model", model],
-                               check=True)
+            steps = str(extra.get("--bench_steps", 0))
+            for model in MODELS:  # one process each: its own peak memory
+                subprocess.run([sys.executable, os.path.abspath(__file__), "_bench_one", *args, "--model", model,
+                                "--bench_steps", steps], check=True)
             bench_kmeans(cfg, ecfg)
         elif command == "_bench_one":
-            bench_one(cfg)
+            bench_one(cfg, extra.get("--bench_steps", 0))
         elif command == "reproduce":
             reproduce(cfg, ecfg, extra.get("--seeds", 3))
         else:
