@@ -58,8 +58,8 @@ class Config:
     dim: int = 64                   # embedding and interest width d
     interests: int = 4              # K interest vectors per user
     routing_iters: int = 3          # dynamic-routing iterations (mind, comirec-dr)
-    rlambda: float = 100.0          # REMI routing-regularisation weight (remi only), REMI's default
-    rbeta: float = 0.1              # REMI hard-negative temperature exp(rbeta * logit) (remi only)
+    rlambda: float = 100.0          # REMI routing regularisation weight (remi only): REMI's code defaults to 0, its README uses 100 at batch 128; the term sums over the batch, so 25 at batch 512 is that weight
+    rbeta: float = 0.1              # REMI hard-negative weights exp(rbeta * logit) (remi only): REMI's code defaults to 0 (off), its README uses 10 (Books), 1 (Gowalla), 0.1 (RetailRocket)
     # training
     loss: str = "full"              # "full" softmax over all items, or "sampled" for big catalogues
     negatives: int = 1000           # shared uniform negatives per batch when loss = "sampled"
@@ -1343,9 +1343,18 @@ def hard_readout(interests, target_vecs):
 
 
 def recommendation_loss(user_vecs, targets, item_table, cfg, gen=None):
-    """Softmax cross-entropy of the target, over all items ("full") or over shared uniform
+    """Softmax cross-entropy of the target, batch mean: over all items ("full") or over shared uniform
     negatives ("sampled"; uniform sampling makes the log-Q correction a constant, which cancels).
-    With rbeta > 0 (REMI) negatives are reweighted by exp(rbeta * logit), weights averaging 1."""
+    user_vecs (B, d), targets (B,) item ids >= 1, item_table (N + 1, d) with row 0 the padding.
+
+    REMI (model "remi", rbeta > 0) reweights the negatives, as REMI's code does (Tokkiu/REMI,
+    src/BasicModel.py, NCELoss.sampled_softmax_loss): with s_j the negatives' logits,
+        loss = -s_pos + log(exp(s_pos) + sum_j w_j exp(s_j)),  w_j = exp(rbeta s_j) / mean_j' exp(rbeta s_j'),
+    so the weights average 1, the positive keeps weight 1, and gradients flow through the weights.
+    The negatives are every other item ("full") or the sampled items other than the target
+    ("sampled"). REMI's code keeps a sampled copy of the target among its negatives, and with all
+    items as samples (its sampled_n = 1) the target and the padding row too; the kit never does.
+    Raises SystemExit for an unknown cfg.loss."""
     if cfg.loss == "full":
         logits = user_vecs @ item_table[1:].T                              # (B, N): padding is never a candidate
         column = targets - 1
@@ -1359,24 +1368,25 @@ def recommendation_loss(user_vecs, targets, item_table, cfg, gen=None):
     else:
         raise SystemExit(f"error: --loss must be full or sampled, got {cfg.loss!r}")
     if cfg.model == "remi" and cfg.rbeta > 0:
-        rows = torch.arange(len(targets), device=targets.device)
-        log_w = cfg.rbeta * logits.detach()                                # (B, columns), no gradient
-        log_w[rows, column] = -torch.inf                                   # only negatives get weights
-        n_neg = (log_w > -torch.inf).sum(1, keepdim=True)                  # accidental hits are -inf too
-        log_w -= log_w.logsumexp(1, keepdim=True) - n_neg.log()            # weights average 1
-        log_w[rows, column] = 0                                            # the positive keeps its logit
-        logits = logits + log_w
+        is_target = torch.arange(logits.shape[1], device=logits.device) == column.unsqueeze(1)  # (B, columns)
+        negative = cfg.rbeta * logits.masked_fill(is_target, -torch.inf)   # (B, columns), accidental hits -inf too
+        n_neg = torch.isfinite(negative).sum(1, keepdim=True)
+        log_w = negative - negative.logsumexp(1, keepdim=True) + n_neg.log()  # log w_j; not detached, as REMI
+        logits = logits + log_w.masked_fill(is_target, 0.0)               # exp(s_j) w_j; the positive unweighted
     return F.cross_entropy(logits, column)
 
 
-def routing_regularizer(attention, hist):
-    """REMI: penalise the variance of each interest's attention over the real positions
-    (a peaked, collapsed routing has a high variance). attention (B, K, L)."""
-    mask = (hist > 0).unsqueeze(1).float()
-    n = mask.sum(-1, keepdim=True)
-    mean = (attention * mask).sum(-1, keepdim=True) / n
-    variance = (((attention - mean) * mask) ** 2).sum(-1) / n.squeeze(-1)  # (B, K)
-    return (variance ** 2).sum(1).mean()
+def routing_regularizer(attention, dim):
+    """REMI's routing regularisation, transcribed from its code (Tokkiu/REMI, src/REMI.py,
+    calculate_atten_loss): for each example b and interest k, the squared deviations of the
+    attention from its mean over all L positions (padding included, as REMI's code), summed and
+    divided by the embedding width d (REMI's diag(C C^T) / hidden_size); squared; summed over the
+    interests and over the batch. attention (B, K, L), dim d -> scalar.
+
+    A sum over the batch, not a mean: rlambda's effect grows with the batch size."""
+    deviation = attention - attention.mean(2, keepdim=True)               # (B, K, L)
+    spread = (deviation ** 2).sum(2) / dim                                 # (B, K)
+    return (spread ** 2).sum()
 
 
 def alignment_loss(interests, semantic, semantic_mask, tau, group=None):
@@ -1407,74 +1417,120 @@ def prediction_loss(interests, prototypes, labels, weights):
 # evaluation (full ranking, max over interests, history masked)
 
 
-@torch.no_grad()
-def score_items(model, hist, seen):
-    """score(u, i) = max_k <v_uk, e_i>, -inf on padding and on the user's history: (B, N + 1)."""
-    interests = model(hist)[0]
-    table = model.items.weight
-    scores = interests[:, 0] @ table.T
-    for k in range(1, interests.shape[1]):
-        torch.maximum(scores, interests[:, k] @ table.T, out=scores)
+def mask_seen(scores, seen):
+    """-inf on the padding column and on each user's history, in place: scores (B, N + 1), seen (B, S)."""
     scores[:, 0] = -torch.inf
     return scores.scatter_(1, seen, -torch.inf)
 
 
 @torch.no_grad()
+def score_items(model, hist, seen):
+    """score(u, i) = max_k <v_uk, e_i>, -inf on padding and on the user's history: (B, N + 1).
+    hist (B, L) right-padded history, seen (B, S) items to mask (0-padded).
+
+    Raises ValueError for an empty history (an all-zero row): a user without items has no
+    interests (ComiRec-SA's softmax over padding alone is NaN); rank such a user by popularity."""
+    empty = (hist == 0).all(1)
+    if empty.any():
+        raise ValueError(f"{int(empty.sum())} users have an empty history (rows "
+                         f"{empty.nonzero()[:5, 0].tolist()}...): the encoders need at least one item")
+    interests = model(hist)[0]
+    table = model.items.weight
+    scores = interests[:, 0] @ table.T
+    for k in range(1, interests.shape[1]):
+        torch.maximum(scores, interests[:, k] @ table.T, out=scores)
+    return mask_seen(scores, seen)
+
+
+def top_items(scores, n):
+    """The n best columns of each row, best first, ties to the lower id: (B, N + 1) -> (B, n).
+
+    topk alone may pick and order tied scores either way. When the (n + 1)-th best score equals
+    the n-th (the cut), items tied at the cut were left out, and the row is redone exactly: every
+    item above the cut is listed, and the lowest ids among the items at the cut fill the rest.
+    A stable sort of the n ids, taken in increasing order, then puts equal scores lower id first."""
+    n = min(n, scores.shape[1])
+    values, ids = scores.topk(min(n + 1, scores.shape[1]), dim=1)          # (B, n + 1): one more, to see ties
+    cut = values[:, n - 1:n]                                                # (B, 1) the n-th best score
+    crowded = (values[:, n:] == cut).any(1).nonzero()[:, 0]                 # rows with tied items left out
+    ids = ids[:, :n]
+    if len(crowded):
+        s, c = scores[crowded], cut[crowded]
+        above, tied = s > c, s == c
+        keep = above | (tied & (tied.cumsum(1, dtype=torch.int32) <= n - above.sum(1, keepdim=True)))  # n per row
+        ids[crowded] = keep.nonzero()[:, 1].view(-1, n)
+    ids = ids.sort(dim=1).values                                            # increasing ids
+    order = scores.gather(1, ids).sort(dim=1, descending=True, stable=True).indices
+    return ids.gather(1, order)
+
+
+@torch.no_grad()
 def recommend(model, hist, seen, n):
-    """Top-n items per user: the whole inference path (no LLM, no text)."""
-    return score_items(model, hist, seen).topk(n, dim=1).indices
-
-
-def target_ranks(scores, targets):
-    """1-based rank of each target (ties go to the lower item id); inf for padding or masked
-    targets. Exact, with no top-N list: counts the items that beat each target. (B, T)."""
-    ids = torch.arange(scores.shape[1], device=scores.device)
-    ranks = torch.full(targets.shape, torch.inf, device=scores.device)
-    for t in range(targets.shape[1]):
-        s = scores.gather(1, targets[:, t:t + 1])                           # (B, 1)
-        ahead = (scores > s) | ((scores == s) & (ids < targets[:, t:t + 1]))
-        valid = (targets[:, t] > 0) & torch.isfinite(s[:, 0])
-        ranks[:, t] = torch.where(valid, ahead.sum(1).float() + 1, torch.inf)
-    return ranks
+    """Top-n items per user (ties to the lower id): the whole inference path (no LLM, no text).
+    hist (B, L), seen (B, S) -> (B, n) item ids; ValueError for an empty history (score_items)."""
+    return top_items(score_items(model, hist, seen), n)
 
 
 def metrics_from_ranks(ranks, n_targets, cutoffs):
-    """Per-user Recall, NDCG, HitRate at each cut-off (METHOD.md section 2), summed over users."""
+    """Recall, NDCG and HitRate of each user at each cut-off (METHOD.md section 2): ranks (B, T),
+    1-based, inf for a target out of the list or padding; n_targets (B,) -> {"recall@20": (B,), ...}."""
     out = {}
     for n in cutoffs:
         hit = ranks <= n
         ideal = (1 / torch.log2(torch.arange(2, n + 2, device=ranks.device).float())).cumsum(0)
         idcg = ideal[(n_targets.clamp(1, n) - 1)]
-        out[f"recall@{n}"] = (hit.sum(1) / n_targets).sum().item()
-        out[f"ndcg@{n}"] = ((hit / torch.log2(ranks + 1)).sum(1) / idcg).sum().item()
-        out[f"hitrate@{n}"] = hit.any(1).float().sum().item()
+        out[f"recall@{n}"] = hit.sum(1) / n_targets
+        out[f"ndcg@{n}"] = (hit / torch.log2(ranks + 1)).sum(1) / idcg
+        out[f"hitrate@{n}"] = hit.any(1).float()
     return out
 
 
+def trim(rows):
+    """Drop the all-padding columns on the right of a right-padded (B, W) array (one column at least)."""
+    return rows[:, :max(1, int((rows > 0).sum(1).max()))]
+
+
 @torch.no_grad()
-def evaluate(model, evalset, device, batch=256, cutoffs=(10, 20, 50)):
-    model.eval()
-    totals = {}
+def evaluate_per_user(score, evalset, device, batch=256, cutoffs=(10, 20, 50)):
+    """Each user's Recall, NDCG and HitRate at each cut-off (METHOD.md section 2), full ranking:
+    {"recall@20": (U,) float64 array, ...} in the order of evalset.users.
+
+    score(hist, seen) -> (B, N + 1) scores, -inf where an item is no candidate (score_items for
+    an encoder). A target's rank is its place in the user's top-max(cutoffs) list (top_items: ties
+    to the lower id), so a user costs one ranking whatever its number of targets; a target off the
+    list, in the history or padding is never a hit. Each batch's seen and targets are cut to its
+    own widest row. Memory: a few (batch, N + 1) arrays."""
+    n = max(cutoffs)
+    parts = []
     for i in range(0, len(evalset.users), batch):
-        hist, seen, targets = (torch.from_numpy(a[i:i + batch]).to(device)
-                               for a in (evalset.hist, evalset.seen, evalset.targets))
-        ranks = target_ranks(score_items(model, hist, seen), targets)
-        for k, v in metrics_from_ranks(ranks, (targets > 0).sum(1), cutoffs).items():
-            totals[k] = totals.get(k, 0.0) + v
-    return {k: v / len(evalset.users) for k, v in totals.items()}
+        hist = torch.from_numpy(evalset.hist[i:i + batch]).to(device)
+        seen, targets = (torch.from_numpy(trim(a[i:i + batch])).to(device) for a in (evalset.seen, evalset.targets))
+        scores = score(hist, seen)
+        top = top_items(scores, n)                                              # (B, n)
+        listed = torch.isfinite(scores.gather(1, top))                          # (B, n)
+        found = (top.unsqueeze(1) == targets.unsqueeze(2)) & listed.unsqueeze(1)  # (B, T, n)
+        ranks = torch.where(found.any(2), found.int().argmax(2) + 1.0, torch.inf)  # (B, T)
+        parts.append(metrics_from_ranks(ranks, (targets > 0).sum(1), cutoffs))
+    return {k: torch.cat([p[k] for p in parts]).double().cpu().numpy() for k in parts[0]}
+
+
+def evaluate(model, evalset, device, batch=256, cutoffs=(10, 20, 50)):
+    """The mean over users of evaluate_per_user for an encoder: {"recall@20": float, ...}."""
+    model.eval()
+    per_user = evaluate_per_user(functools.partial(score_items, model), evalset, device, batch, cutoffs)
+    return {k: float(v.mean()) for k, v in per_user.items()}
 
 
 def popularity_metrics(split, n_items, cutoffs=(10, 20, 50)):
-    """The floor every encoder must beat: rank items by training frequency."""
+    """The floor every encoder must beat: rank items by training frequency (ties to the lower id);
+    mean metrics over the test users, through evaluate_per_user's loop (one batch at a time)."""
     counts = torch.bincount(torch.from_numpy(np.concatenate(list(split.train_seqs.values()))),
-                            minlength=n_items + 1).float()
-    ev = split.test
-    scores = counts.expand(len(ev.users), -1).clone()
-    scores[:, 0] = -torch.inf
-    scores.scatter_(1, torch.from_numpy(ev.seen), -torch.inf)
-    targets = torch.from_numpy(ev.targets)
-    totals = metrics_from_ranks(target_ranks(scores, targets), (targets > 0).sum(1), cutoffs)
-    return {k: v / len(ev.users) for k, v in totals.items()}
+                            minlength=n_items + 1).float()                          # (N + 1,)
+
+    def score(hist, seen):
+        return mask_seen(counts.expand(len(hist), -1).clone(), seen)
+    per_user = evaluate_per_user(score, split.test, torch.device("cpu"), cutoffs=cutoffs)
+    return {k: float(v.mean()) for k, v in per_user.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -1521,7 +1577,7 @@ def training_step(model, optimizer, batch, cfg, sampler=None, semantics=None):
     table = model.items.weight
     loss = recommendation_loss(hard_readout(interests, table[y]), y, table, cfg, sampler)
     if cfg.model == "remi":
-        loss = loss + cfg.rlambda * routing_regularizer(attention, h)
+        loss = loss + cfg.rlambda * routing_regularizer(attention, cfg.dim)
     if semantics:
         loss = loss + semantics.loss(model, interests, u, cfg, sampler)
     optimizer.zero_grad(set_to_none=True)
@@ -1645,14 +1701,11 @@ def train(cfg, ecfg=None, force=False, log=print):
 # command line
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def bench_one(cfg):
-    """Seconds per training epoch, seconds to evaluate all test users, peak memory: one JSON line."""
+def bench_one(cfg, steps=0):
+    """One encoder at the dataset's scale, one JSON line: seconds per training step over the first
+    `steps` steps of an epoch (0: the whole epoch; epoch_s extrapolates a slice), test users ranked
+    against the full catalogue per second (every test user), and the peak resident memory of this
+    process in MB (with the device's peak allocation on CUDA)."""
     device = resolve_device(cfg.device)
     t0 = time.time()
     data = load_dataset(cfg.data_dir, cfg.dataset)
@@ -1662,21 +1715,29 @@ def bench_one(cfg):
     model = make_model(cfg, data.n_items).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     arrays = [torch.from_numpy(a) for a in (split.train_hist, split.train_target, split.train_user)]
+    epoch_steps = math.ceil(len(arrays[1]) / cfg.batch_size)
+    steps = min(steps, epoch_steps) if steps > 0 else epoch_steps
     model.train()
     t0 = time.time()
-    for start in range(0, len(arrays[1]), cfg.batch_size):
+    for start in range(0, steps * cfg.batch_size, cfg.batch_size):
         training_step(model, optimizer, [a[start:start + cfg.batch_size].to(device) for a in arrays], cfg)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    epoch_s = time.time() - t0
+    step_s = (time.time() - t0) / steps
     t0 = time.time()
     evaluate(model, split.test, device, cfg.eval_batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    print(json.dumps({"model": cfg.model, "load_split_s": round(load_s, 2), "epoch_s": round(epoch_s, 2),
-                      "eval_test_s": round(time.time() - t0, 2), "test_users": len(split.test.users),
-                      "peak_mb": round(peak_memory_mb(device)), "device": str(device),
-                      "threads": torch.get_num_threads()}), flush=True)
+    eval_s = time.time() - t0
+    record = {"model": cfg.model, "items": data.n_items, "users": len(data.sequences), "protocol": cfg.protocol,
+              "loss": cfg.loss, "load_split_s": round(load_s, 2), "steps": steps, "step_s": round(step_s, 4),
+              "epoch_steps": epoch_steps, "epoch_s": round(step_s * epoch_steps, 1), "eval_s": round(eval_s, 2),
+              "test_users": len(split.test.users), "users_per_s": round(len(split.test.users) / eval_s),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              "device": str(device), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        record["device_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
+    print(json.dumps(record), flush=True)
 
 
 def bench_kmeans(cfg, ecfg):
@@ -1803,7 +1864,8 @@ commands:
   info       load the dataset, build the split and print a summary
   train      train one run (backbone, or EIMF with --eimf categories|llm)
   esim       run ESIM for a trained backbone (--model, --backend, --embedder ...)
-  bench      seconds per epoch, test-evaluation seconds and peak memory per encoder, and k-means
+  bench      per encoder: seconds per training step (--bench_steps N: the first N steps of an epoch;
+             default the whole epoch), test users ranked per second, peak memory; and k-means
   reproduce  every row of the results table over --seeds N (default 3)
 
 Every field of Config and EsimConfig is an option (see the top of bimi.py), e.g.
@@ -1828,7 +1890,7 @@ def main(argv=None):
               + ("\n  --seeds            3                  seeds 1..N of every row" if command == "reproduce" else ""))
         return
     extra = {}
-    for flag in ("--force", "--seeds"):  # command options that are not config fields; the last one wins
+    for flag in ("--force", "--seeds", "--bench_steps"):  # command options that are not config fields; the last one wins
         while flag in args:
             i = args.index(flag)
             if flag == "--seeds":
@@ -1851,12 +1913,13 @@ def main(argv=None):
         elif command == "esim":
             run_esim(cfg, ecfg)
         elif command == "bench":
-            for model in MODELS:
-                subprocess.run([sys.executable, os.path.abspath(__file__), "_bench_one", *args, "--model", model],
-                               check=True)
+            steps = str(extra.get("--bench_steps", 0))
+            for model in MODELS:  # one process each: its own peak memory
+                subprocess.run([sys.executable, os.path.abspath(__file__), "_bench_one", *args, "--model", model,
+                                "--bench_steps", steps], check=True)
             bench_kmeans(cfg, ecfg)
         elif command == "_bench_one":
-            bench_one(cfg)
+            bench_one(cfg, extra.get("--bench_steps", 0))
         elif command == "reproduce":
             reproduce(cfg, ecfg, extra.get("--seeds", 3))
     except (DataError, LLMError, TrainingError) as e:

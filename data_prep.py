@@ -2,6 +2,7 @@
 Download and process the benchmark datasets into bimi's format.
 
     python data_prep.py beauty|sports|toys|yelp|synthetic [--out data] [--raw-dir DIR]
+    python data_prep.py synthetic --users 100000 --items 367982 --out /tmp/books   # Books-size catalogue
 
 Writes <out>/<dataset>/sequences.txt (one line per user: `user_id item_id item_id ...`, oldest
 first, ids from 1) and items.jsonl (`{"item_id", "asin", "title", "categories"}` per item).
@@ -12,6 +13,7 @@ import argparse
 import ast
 import gzip
 import html
+import itertools
 import json
 import os
 import random
@@ -331,14 +333,24 @@ ADJECTIVES = ["Classic", "Pro", "Sensitive", "Organic", "Travel Size", "Deluxe",
 def make_synthetic(seed=0, n_users=2000, n_items=1000, min_len=5, max_len=20):
     """Items in 20 topics; each user follows 2-4 topics and drifts between them.
 
-    Returns (sequences, items, user_topics) where user_topics is the planted ground truth."""
-    rng = random.Random(seed)
+    Returns (sequences, items, user_topics) where user_topics is the planted ground truth. Item ids
+    follow first appearance, as for the real data; items no user drew come last, so the catalogue
+    always has n_items items (the default 2,000 x 1,000 draws every item). Python's Random with
+    precomputed cumulative weights (the same draws as with `weights=`, without re-summing a
+    topic's weights per draw): 100,000 users x 367,982 items take about 10 s."""
     n_topics = len(TOPICS)
+    if not 1 <= min_len <= max_len or 2 * (n_items // n_topics) < max_len:
+        raise PrepError(f"synthetic: need 1 <= min-len <= max-len and at least {n_topics} * max-len / 2 items "
+                        f"(a user with two topics must find max-len distinct items); got min-len {min_len}, "
+                        f"max-len {max_len}, {n_items} items")
+    rng = random.Random(seed)
     item_topic = [i % n_topics for i in range(n_items)]
     rng.shuffle(item_topic)
-    members = [[i for i in range(n_items) if item_topic[i] == t] for t in range(n_topics)]
+    members = [[] for _ in range(n_topics)]
+    for i, t in enumerate(item_topic):
+        members[t].append(i)
     # a Zipf-like popularity inside each topic, so popularity is a real (but weak) baseline
-    weights = {t: [1.0 / (r + 1) ** 0.8 for r in range(len(members[t]))] for t in range(n_topics)}
+    cum_weights = [list(itertools.accumulate(1.0 / (r + 1) ** 0.8 for r in range(len(m)))) for m in members]
     items = []
     for i in range(n_items):
         path, nouns = TOPICS[item_topic[i]]
@@ -352,28 +364,28 @@ def make_synthetic(seed=0, n_users=2000, n_items=1000, min_len=5, max_len=20):
         while len(seq) < length:
             if rng.random() < 0.3:  # switch interest now and then
                 topic = rng.choice(topics)
-            i = rng.choices(members[topic], weights[topic])[0]
+            i = rng.choices(members[topic], cum_weights=cum_weights[topic])[0]
             if i not in seen:
                 seen.add(i)
                 seq.append(i)
         sequences.append(seq)
         user_topics.append(sorted(topics))
-    # ids by first appearance, as for the real data
+    # ids by first appearance, as for the real data, then the items nobody drew
     item_id, ordered = {}, []
-    for seq in sequences:
-        for i in seq:
-            if i not in item_id:
-                item_id[i] = len(item_id) + 1
-                ordered.append(dict(item_id=item_id[i], **items[i]))
+    for i in itertools.chain((i for seq in sequences for i in seq), range(n_items)):
+        if i not in item_id:
+            item_id[i] = len(item_id) + 1
+            ordered.append(dict(item_id=item_id[i], **items[i]))
     return [[item_id[i] for i in s] for s in sequences], ordered, user_topics
 
 
 # -----------------------------------------------------------------------------
 # command line
 
-def prepare(name, out, raw_dir=None, seed=0):
+def prepare(name, out, raw_dir=None, seed=0, synthetic=None):
+    """synthetic: make_synthetic's size arguments (n_users, n_items, min_len, max_len); None: its defaults."""
     if name == "synthetic":
-        sequences, items, _ = make_synthetic(seed)
+        sequences, items, _ = make_synthetic(seed, **(synthetic or {}))
     elif name in AMAZON:
         cat = AMAZON[name]
         files = [f"reviews_{cat}_5.json.gz", f"meta_{cat}.json.gz"]
@@ -410,9 +422,14 @@ def main(argv=None):
     p.add_argument("--out", default="data", help="output folder (default: data)")
     p.add_argument("--raw-dir", help="folder with raw files fetched by hand (skips the download)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
+    p.add_argument("--users", type=int, default=2000, help="synthetic: number of users")
+    p.add_argument("--items", type=int, default=1000, help="synthetic: catalogue size (367982: Amazon Books)")
+    p.add_argument("--min-len", type=int, default=5, help="synthetic: shortest sequence (3 or more for loo)")
+    p.add_argument("--max-len", type=int, default=20, help="synthetic: longest sequence")
     args = p.parse_args(argv)
+    synthetic = dict(n_users=args.users, n_items=args.items, min_len=args.min_len, max_len=args.max_len)
     try:
-        prepare(args.dataset, args.out, args.raw_dir, args.seed)
+        prepare(args.dataset, args.out, args.raw_dir, args.seed, synthetic)
     except PrepError as e:
         sys.exit(f"data_prep: {e}")
 

@@ -1,5 +1,7 @@
-"""IBIM: metrics against loops, the max-over-interests ranking against ComiRec's merge, the
-encoders' invariances, and short real trainings on the synthetic dataset."""
+"""IBIM: metrics and ties against loops, REMI's losses against a transcription of its code, the
+max-over-interests ranking against ComiRec's merge, the encoders' invariances, and short real
+trainings on the synthetic dataset."""
+import functools
 import json
 import math
 import os
@@ -17,7 +19,7 @@ from conftest import ROOT
 
 
 class FixedInterests(torch.nn.Module):
-    """A stand-in encoder: user row r (passed as hist[:, 0]) has the given interests."""
+    """A stand-in encoder: user row r (passed as hist[:, 0] = r + 1) has the given interests."""
 
     def __init__(self, interests, table):
         super().__init__()
@@ -25,11 +27,15 @@ class FixedInterests(torch.nn.Module):
         self.items = torch.nn.Embedding.from_pretrained(table)
 
     def forward(self, hist):
-        return self.interests[hist[:, 0]], None
+        return self.interests[hist[:, 0] - 1], None
+
+
+def user_rows(users):
+    return torch.arange(1, users + 1).unsqueeze(1)  # (users, 1): FixedInterests' row r + 1
 
 
 def reference_metrics(scores, seen, targets, n):
-    """Loop version of METHOD.md section 2: sort the unseen items by (-score, id), cut at n."""
+    """Loop version of METHOD.md section 2: sort the unseen items by (-score, id), cut at n; per user."""
     out = {"recall": [], "ndcg": [], "hitrate": []}
     for s, h, t in zip(scores, seen, targets):
         t = [x for x in t if x > 0]
@@ -39,7 +45,7 @@ def reference_metrics(scores, seen, targets, n):
         out["hitrate"].append(1.0 if hits else 0.0)
         idcg = sum(1 / math.log2(j + 1) for j in range(1, min(len(t), n) + 1))
         out["ndcg"].append(sum(1 / math.log2(r + 1) for r in hits) / idcg)
-    return {f"{k}@{n}": float(np.mean(v)) for k, v in out.items()}
+    return {f"{k}@{n}": np.array(v) for k, v in out.items()}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -59,16 +65,16 @@ def test_metrics_match_loop_reference_with_ties_and_masked_targets(seed):
         if u % 5 == 0:  # a target already in the history: it can never be hit, but counts in |T|
             targets[u, 0] = seen[u, 0]
     model = FixedInterests(interests, table)
-    hist = torch.arange(users).unsqueeze(1)
-    scores = bimi.score_items(model, hist, torch.from_numpy(seen))
-    ranks = bimi.target_ranks(scores, torch.from_numpy(targets))
-    n_targets = torch.from_numpy((targets > 0).sum(1))
-    ours = {k: v / users for k, v in bimi.metrics_from_ranks(ranks, n_targets, (1, 3, 5, 20)).items()}
+    evalset = bimi.EvalSet(np.arange(users), user_rows(users).numpy(), seen, targets)
+    cutoffs = (1, 3, 5, 20, 60)  # 1 and 3 are below some users' target counts; 60 lists every unseen item
     full = (interests @ table.T).amax(1).numpy()  # (users, n_items + 1), unmasked
-    for n in (1, 3, 5, 20):  # n = 1 and 3 are below some users' target counts, 20 above all
-        ref = reference_metrics(full, seen, targets, n)
-        for k, v in ref.items():
-            assert ours[k] == pytest.approx(v, abs=1e-6), (k, n)
+    means = bimi.evaluate(model, evalset, "cpu", batch=7, cutoffs=cutoffs)
+    for batch in (7, users):  # batches of mixed widths, and one batch
+        ours = bimi.evaluate_per_user(functools.partial(bimi.score_items, model), evalset, "cpu", batch, cutoffs)
+        for n in cutoffs:
+            for k, v in reference_metrics(full, seen, targets, n).items():
+                np.testing.assert_allclose(ours[k], v, atol=1e-6, err_msg=f"{k} batch {batch}")
+                assert means[k] == pytest.approx(v.mean(), abs=1e-6)
 
 
 def test_max_over_interests_equals_comirec_merge():
@@ -77,7 +83,7 @@ def test_max_over_interests_equals_comirec_merge():
     table, interests = torch.randn(n_items + 1, d, generator=g), torch.randn(users, K, d, generator=g)
     seen = torch.randint(1, n_items + 1, (users, 10), generator=g)
     model = FixedInterests(interests, table)
-    ours = bimi.recommend(model, torch.arange(users).unsqueeze(1), seen, n)
+    ours = bimi.recommend(model, user_rows(users), seen, n)
     for u in range(users):
         pool = []  # ComiRec: top-n per interest, pooled, sorted by score, de-duplicated
         for k in range(K):
@@ -92,6 +98,34 @@ def test_max_over_interests_equals_comirec_merge():
                 taken.add(item)
                 merged.append(item)
         assert ours[u].tolist() == merged[:n]
+
+
+@pytest.mark.parametrize("n", [1, 7, 30, 200])
+def test_recommend_breaks_ties_toward_the_lower_item_id(n):
+    g = torch.Generator().manual_seed(n)
+    users, n_items, K, d = 50, 200, 2, 3
+    table = torch.randint(-1, 2, (n_items + 1, d), generator=g).float()  # 27 distinct vectors: huge tie groups
+    interests = torch.randint(-1, 2, (users, K, d), generator=g).float()
+    seen = torch.randint(0, n_items + 1, (users, 150), generator=g)   # n = 200 reaches the -inf items too
+    ours = bimi.recommend(FixedInterests(interests, table), user_rows(users), seen, n)
+    scores = (interests @ table.T).amax(1)
+    for u in range(users):
+        masked = {0, *seen[u].tolist()}
+        s = [-math.inf if i in masked else float(scores[u, i]) for i in range(n_items + 1)]
+        assert ours[u].tolist() == sorted(range(n_items + 1), key=lambda i: (-s[i], i))[:n]
+
+
+@pytest.mark.parametrize("model_name", bimi.MODELS)
+def test_an_empty_history_is_a_clear_error_never_nan(model_name):
+    cfg = bimi.Config(model=model_name, max_len=6, dim=8, interests=3)
+    torch.manual_seed(0)
+    model = bimi.make_model(cfg, n_items=30).eval()
+    hist = torch.tensor([[3, 9, 4, 0, 0, 0], [0, 0, 0, 0, 0, 0], [7, 1, 0, 0, 0, 0]])
+    seen = hist.clone()
+    with pytest.raises(ValueError, match="1 users have an empty history"):
+        bimi.recommend(model, hist, seen, 5)
+    scores = bimi.score_items(model, hist[[0, 2]], seen[[0, 2]])
+    assert not scores.isnan().any() and torch.isfinite(scores[:, 1:]).sum() == 2 * 30 - 5
 
 
 @pytest.mark.parametrize("model_name", bimi.MODELS)
@@ -112,7 +146,7 @@ def test_encoder_shapes_padding_and_gradients(model_name):
     user = bimi.hard_readout(interests, model.items.weight[target])
     loss = bimi.recommendation_loss(user, target, model.items.weight, cfg)
     if model_name == "remi":
-        loss = loss + cfg.rlambda * bimi.routing_regularizer(attention, hist)
+        loss = loss + cfg.rlambda * bimi.routing_regularizer(attention, cfg.dim)
     loss.backward()
     grad = model.items.weight.grad
     assert grad[[3, 9, 4, 20, 30]].abs().sum(1).min() > 0  # history items and targets learn
@@ -153,17 +187,67 @@ def test_sampled_softmax_and_remi_weighting_against_direct_formula():
     assert bimi.recommendation_loss(user, target, table, sampled, gen).item() == pytest.approx(expected.item())
 
 
-def test_routing_regularizer_against_loop():
+def remi_sampled_softmax(pos, negs, beta):
+    """REMI's NCELoss.sampled_softmax_loss with beta != 0 (Tokkiu/REMI, src/BasicModel.py), line by
+    line, for one example: pos a 0-d logit, negs a list of 0-d logits."""
+    x = [pos] + negs
+    top = max(x)
+    x = [v - top for v in x]                              # x = x - max(x)
+    pos = torch.exp(x[0])
+    neg = [torch.exp(v) for v in x[1:]]
+    top_beta = max(beta * v for v in x[1:])
+    imp = [torch.exp(beta * v - top_beta) for v in x[1:]]  # imp = exp(beta x_neg - max(beta x_neg)), not detached
+    reweight_neg = sum(i * e for i, e in zip(imp, neg)) / (sum(imp) / len(imp))
+    return -(x[0] - torch.log(pos + reweight_neg))
+
+
+def relative_difference(ours, ref):
+    return float(((ours - ref).abs().max() / ref.abs().max()).detach())
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+@pytest.mark.parametrize("rbeta", [0.1, 1.0, 5.0])
+def test_remi_loss_and_gradient_match_remis_code(loss, rbeta):
     g = torch.Generator().manual_seed(0)
-    hist = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
-    attention = torch.rand(2, 3, 4, generator=g).masked_fill(hist.unsqueeze(1) == 0, 0)
-    total = 0.0
+    user = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(31, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    negatives = torch.randint(1, 31, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    target = torch.tensor([negatives[0], 4, 9, 16, 25, 30])  # user 0 draws its own target: an accidental hit
+    cfg = bimi.Config(model="remi", loss=loss, negatives=12, rbeta=rbeta)
+    ours = bimi.recommendation_loss(user, target, table, cfg, torch.Generator().manual_seed(1))
+    per_example = []
+    for b in range(6):
+        s = table @ user[b]
+        candidates = range(1, 31) if loss == "full" else negatives
+        negs = [s[j] for j in candidates if j != target[b]]  # the kit never counts the target as a negative
+        per_example.append(remi_sampled_softmax(s[target[b]], negs, rbeta))
+    ref = torch.stack(per_example).mean()                      # REMI's reduction="elementwise_mean"
+    assert relative_difference(ours, ref) < 1e-5
+    for a, b in zip(torch.autograd.grad(ours, (user, table)), torch.autograd.grad(ref, (user, table))):
+        assert relative_difference(a, b) < 1e-5
+
+
+def test_routing_regularizer_and_gradient_match_remis_code():
+    torch.manual_seed(0)
+    cfg = bimi.Config(model="remi", max_len=6, dim=8, interests=3)
+    model = bimi.make_model(cfg, n_items=30).double()
+    hist = torch.tensor([[3, 9, 4, 0, 0, 0], [7, 1, 2, 5, 8, 11]])
+    attention = model(hist)[1]                                 # (2, 3, 6), zero on the padding
+    ours = bimi.routing_regularizer(attention, cfg.dim)
+    ref = 0  # calculate_atten_loss (Tokkiu/REMI, src/REMI.py) with its bmm, diagonal and norm as loops
     for b in range(2):
-        n = int((hist[b] > 0).sum())
+        n2 = 0
         for k in range(3):
-            a = attention[b, k, :n]
-            total += float(((a - a.mean()) ** 2).mean()) ** 2
-    assert bimi.routing_regularizer(attention, hist).item() == pytest.approx(total / 2, rel=1e-5)
+            a = attention[b, k]
+            c_mean = sum(a) / len(a)                           # mean over every position, padding included
+            dr = sum((x - c_mean) * (x - c_mean) for x in a) / cfg.dim  # diagonal of C_reg C_reg^T / hidden_size
+            n2 = n2 + dr ** 2                                  # torch.norm(dr, dim=1) ** 2
+        ref = ref + n2                                         # n2.sum(): over the batch
+    assert relative_difference(ours, ref) < 1e-5
+    params = list(model.parameters())  # the whole gradient: the heads' bias has none (softmax ignores a shift)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])
+    assert relative_difference(flat(torch.autograd.grad(ours, params, retain_graph=True)),
+                               flat(torch.autograd.grad(ref, params))) < 1e-5
 
 
 # ----------------------------------------------------------------------------- real training on synthetic
