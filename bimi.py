@@ -1687,7 +1687,12 @@ def train(cfg, ecfg=None, force=False, log=print):
         raise
     model.load_state_dict(best_state)
     t_test = time.time()
-    record["test"] = evaluate(model, split.test, device, cfg.eval_batch)
+    model.eval()
+    per_user = evaluate_per_user(functools.partial(score_items, model), split.test, device, cfg.eval_batch)
+    # per-user test metrics beside metrics.json: the table's paired bootstrap resamples users
+    np.savez_compressed(os.path.join(out, "test_per_user.npz"), users=split.test.users,
+                        **{k: v.astype(np.float32) for k, v in per_user.items() if k.split("@")[0] != "hitrate"})
+    record["test"] = {k: float(v.mean()) for k, v in per_user.items()}
     record.update(status="done", test_s=round(time.time() - t_test, 2), total_s=round(time.time() - t0, 1),
                   device=str(device))
     write_json(metrics_path, record)
