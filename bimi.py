@@ -1892,20 +1892,24 @@ def main(argv=None):
         print(USAGE.split("\n\n")[0] + "\n\noptions (--key value), with their defaults:\n"
               + options_help(Config, EsimConfig)
               + ("\n  --force                                train again even if a finished run exists" if command == "train" else "")
-              + ("\n  --seeds            3                  seeds 1..N of every row" if command == "reproduce" else ""))
+              + ("\n  --seeds            3                  seeds 1..N of every row" if command == "reproduce" else "")
+              + ("\n  --bench_steps      0                  training steps timed per encoder (0: a whole epoch)"
+                 if command == "bench" else ""))
         return
-    extra = {}
-    for flag in ("--force", "--seeds", "--bench_steps"):  # command options that are not config fields; the last one wins
-        while flag in args:
+    extra = {"--force": False, "--seeds": 3, "--bench_steps": 0}  # command options that are not config fields
+    for flag in extra:
+        while flag in args:  # the last one wins
             i = args.index(flag)
-            if flag == "--seeds":
-                text = args[i + 1] if i + 1 < len(args) else ""
-                if not text.isdigit() or int(text) < 1:
-                    raise SystemExit(f"error: --seeds expects a positive whole number (e.g. --seeds 3), got {text!r}")
-                extra[flag] = int(text)
-            else:
+            if flag == "--force":
                 extra[flag] = True
-            del args[i:i + (1 if flag == "--force" else 2)]
+                del args[i]
+                continue
+            text = args[i + 1] if i + 1 < len(args) else ""
+            if not text.isdigit() or (flag == "--seeds" and int(text) < 1):
+                raise SystemExit(f"error: {flag} expects a {'positive ' if flag == '--seeds' else ''}whole number "
+                                 f"(e.g. {flag} 3), got {text!r}")
+            extra[flag] = int(text)
+            del args[i:i + 2]
     cfg, ecfg = parse_overrides(args, Config(), EsimConfig())
     try:
         if command == "info":
@@ -1914,19 +1918,19 @@ def main(argv=None):
             print(split_summary(data, split, cfg.protocol))
             repeat_summary(data, split)
         elif command == "train":
-            train(cfg, ecfg, force=extra.get("--force", False))
+            train(cfg, ecfg, force=extra["--force"])
         elif command == "esim":
             run_esim(cfg, ecfg)
         elif command == "bench":
-            steps = str(extra.get("--bench_steps", 0))
+            steps = str(extra["--bench_steps"])
             for model in MODELS:  # one process each: its own peak memory
                 subprocess.run([sys.executable, os.path.abspath(__file__), "_bench_one", *args, "--model", model,
                                 "--bench_steps", steps], check=True)
             bench_kmeans(cfg, ecfg)
         elif command == "_bench_one":
-            bench_one(cfg, extra.get("--bench_steps", 0))
+            bench_one(cfg, extra["--bench_steps"])
         elif command == "reproduce":
-            reproduce(cfg, ecfg, extra.get("--seeds", 3))
+            reproduce(cfg, ecfg, extra["--seeds"])
     except (DataError, LLMError, TrainingError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
