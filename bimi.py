@@ -116,6 +116,8 @@ CHOICES = {  # fields with a fixed set of values, checked before anything is loa
     "select_metric": ("recall@20", "ndcg@20", "recall@50", "ndcg@50"), "eimf": ("", "categories", "llm"),
     "backend": ("llm", "categories"), "embedder": ("api", "hash"), "typical": ("clustered", "random"),
 }
+ZERO_ALLOWED = ("esim_seed", "max_retries", "min_len", "retry_wait", "temperature", "lambda_align", "lambda_pred",
+                "rlambda", "rbeta")  # numeric options that may be 0; every other one must be positive
 # Paths and batch sizes that do not change a run's results are left out of its identity; the
 # device is replaced by its resolved type (CPU and CUDA runs differ in rounding).
 NOT_IDENTITY = ("data_dir", "out_dir", "device", "eval_batch")
@@ -141,6 +143,9 @@ def parse_overrides(args, *configs):
             raise SystemExit(f"error: --{key} expects {kind.__name__}, got {text!r}") from None
         if key in CHOICES and value not in CHOICES[key]:
             raise SystemExit(f"error: --{key} must be one of {', '.join(repr(c) for c in CHOICES[key])}, got {text!r}")
+        if kind in (int, float) and key not in ("seed", "split_seed") and \
+                (value < 0 or (value == 0 and key not in ZERO_ALLOWED) or not math.isfinite(value)):
+            raise SystemExit(f"error: --{key} must be {'0 or more' if key in ZERO_ALLOWED else 'positive'}, got {text!r}")
         setattr(cfg, key, value)
     return configs
 
@@ -215,19 +220,31 @@ def short_hash(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def warn_other_code(folder, made_by, log=print):
-    """One warning line when a reused run was made by another version of bimi.py."""
-    if made_by is None or made_by.get("bimi_sha256") != code_version()["bimi_sha256"]:
-        log(f"warning: reusing {folder}, made by other code ({(made_by or {}).get('git') or (made_by or {}).get('bimi_sha256', 'unrecorded')}"
-            f" vs {code_version()['git'] or code_version()['bimi_sha256']} now); --force in `train` remakes a run")
+def warn_other_code(folder, made_by, log=print, _warned=set()):
+    """One warning line, once per process and older version, when a reused run was made by
+    another version of bimi.py (its numbers may differ from what this code would give)."""
+    made_by = made_by or {}
+    if made_by.get("bimi_sha256") == code_version()["bimi_sha256"]:
+        return
+    old = made_by.get("git") or made_by.get("bimi_sha256", "unrecorded code")
+    if old not in _warned:
+        _warned.add(old)
+        log(f"warning: reusing runs made by other code ({old} vs {code_version()['git'] or code_version()['bimi_sha256']}"
+            f" now), e.g. {folder}; `train --force` or a fresh --out_dir remakes them")
 
 
 def write_json(path, obj):
-    """Atomic: a reader sees the old file or the new one, never half of it."""
+    """Atomic: a reader sees the old file or the new one, never half of it (nor a temporary file
+    left behind when writing fails). Readable by all, as the other files of a run."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def save_atomic(state, path):
@@ -238,6 +255,9 @@ def save_atomic(state, path):
 
 
 def resolve_device(name):
+    """"auto" -> CUDA when present, else the CPU. Raises SystemExit for "cuda" without CUDA."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this torch has no usable CUDA device; use --device cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -981,7 +1001,10 @@ def llm_interests(client, data, train_seq, n_interests, max_items):
         repair = load_prompt("repair.txt").substitute(error=error, n_interests=n_interests)
         reply = client.chat(messages + [{"role": "assistant", "content": quoted},
                                         {"role": "user", "content": repair}], schema)
-        return parse_interests(reply, n_interests)
+        try:
+            return parse_interests(reply, n_interests)
+        except ParseError as e:
+            raise ParseError(f"{e}; the repaired reply began {reply[:200]!r}") from None
 
 
 def category_interests(data, train_seq, n_interests):
@@ -1605,7 +1628,7 @@ def train(cfg, ecfg=None, force=False, log=print):
     """Train (or reuse) one run; returns its folder. EIMF runs build their ESIM first. A run is
     reused only when its metrics.json says "done" (a failed or interrupted run is trained again).
     Raises TrainingError when the loss becomes NaN or infinite (the run is recorded as failed)."""
-    ecfg = resolve_esim(dataclasses.replace(ecfg or EsimConfig(), **({"backend": cfg.eimf} if cfg.eimf else {})))
+    ecfg = resolve_esim(dataclasses.replace(ecfg or EsimConfig(), backend=cfg.eimf)) if cfg.eimf else None
     out = run_dir(cfg, ecfg)
     metrics_path = os.path.join(out, "metrics.json")
     if not force and os.path.exists(metrics_path):
@@ -1682,8 +1705,9 @@ def train(cfg, ecfg=None, force=False, log=print):
     except KeyboardInterrupt:
         record["status"] = "interrupted"
         write_json(metrics_path, record)
-        log(f"interrupted: {len(record['epochs'])} epochs recorded in {metrics_path}; the best model so far "
-            f"is {out}/model.pt; run again to restart this run")
+        best = f"the best model so far is {out}/model.pt" if best_state else "no epoch finished"
+        log(f"interrupted: {len(record['epochs'])} epochs recorded in {metrics_path}; {best}; "
+            "run again to restart this run")
         raise
     model.load_state_dict(best_state)
     t_test = time.time()
@@ -1776,6 +1800,7 @@ def paired_bootstrap(backbone, eimf, resamples=2000, seed=0):
     the seeds; users are resampled with replacement (numpy's PCG64 with `seed`), and each resample's
     gain is mean(difference) / mean(backbone). Returns (gain %, low %, high %): the gain of the full
     sample and the 2.5th and 97.5th percentiles of the resampled gains (percentile method)."""
+    backbone, eimf = np.asarray(backbone, dtype=np.float64), np.asarray(eimf, dtype=np.float64)
     base = backbone.mean(0)                                     # (U,)
     diff = (eimf - backbone).mean(0)                            # (U,)
     rng = np.random.default_rng(seed)
@@ -1784,7 +1809,7 @@ def paired_bootstrap(backbone, eimf, resamples=2000, seed=0):
         idx = rng.integers(0, len(diff), size=(min(100, resamples - start), len(diff)))
         gains[start:start + len(idx)] = diff[idx].mean(1) / base[idx].mean(1)
     low, high = np.percentile(gains, [2.5, 97.5])
-    return 100 * diff.mean() / base.mean(), 100 * low, 100 * high
+    return float(100 * diff.mean() / base.mean()), float(100 * low), float(100 * high)
 
 
 def reproduce(cfg, ecfg, seeds):
@@ -1832,7 +1857,7 @@ def reproduce(cfg, ecfg, seeds):
                 r["gain_pct"][m] = {"gain": gain, "ci95": [low, high]}
     if len(code_versions) > 1:
         print(f"warning: the table's runs come from {len(code_versions)} code versions ({', '.join(code_versions)}); "
-              "a table for a paper should come from one: remake the older runs (--force, or a fresh runs/)")
+              "a table for a paper should come from one: remake the older runs (a fresh --out_dir)")
     meta = {"dataset": cfg.dataset, "protocol": cfg.protocol, "seeds": seeds, "backend": ecfg.backend,
             "chat_model": ecfg.chat_model if ecfg.backend == "llm" else None,
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -1862,7 +1887,7 @@ def reproduce(cfg, ecfg, seeds):
     print("\n".join(lines))
 
 
-COMMANDS = ("info", "train", "esim", "bench", "_bench_one", "reproduce")
+COMMANDS = ("info", "train", "esim", "bench", "reproduce", "_bench_one")  # the last is internal
 USAGE = """usage: python bimi.py COMMAND [--key value ...]   (python bimi.py COMMAND --help lists every option)
 
 commands:
@@ -1887,7 +1912,7 @@ def main(argv=None):
         return
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
-        raise SystemExit(f"error: unknown command {command!r}; one of {', '.join(COMMANDS)} (see --help)")
+        raise SystemExit(f"error: unknown command {command!r}; one of {', '.join(COMMANDS[:-1])} (see --help)")
     if "-h" in args or "--help" in args:
         print(USAGE.split("\n\n")[0] + "\n\noptions (--key value), with their defaults:\n"
               + options_help(Config, EsimConfig)
@@ -1910,6 +1935,9 @@ def main(argv=None):
                                  f"(e.g. {flag} 3), got {text!r}")
             extra[flag] = int(text)
             del args[i:i + 2]
+    for flag, commands in (("--force", ("train",)), ("--seeds", ("reproduce",)), ("--bench_steps", ("bench", "_bench_one"))):
+        if flag in argv and command not in commands:
+            raise SystemExit(f"error: {flag} is an option of `{' / '.join(commands)}`, not of `{command}`")
     cfg, ecfg = parse_overrides(args, Config(), EsimConfig())
     try:
         if command == "info":

@@ -7,8 +7,10 @@
 # are bimi.py options (e.g. --device cuda, --data_dir ../shared/data).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-dataset=${1:?usage: bash reproduce.sh demo|beauty|sports|toys|yelp [--seeds N] [--key value ...]}
+usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp [--seeds N] [--key value ...]"
+dataset=${1:?$usage}
 shift
+case "$dataset" in demo | beauty | sports | toys | yelp) ;; *) echo "error: unknown dataset '$dataset'; $usage" >&2; exit 2 ;; esac
 [ "$dataset" = demo ] && name=synthetic || name=$dataset
 
 # dependencies: a virtual environment beside the kit (BIMI_PYTHON picks an existing interpreter)
@@ -28,7 +30,10 @@ export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-1073741824} MALLOC_TRIM_
 data_dir=data
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
-  [ "${args[$i]}" = --data_dir ] && data_dir=${args[$((i + 1))]}
+  if [ "${args[$i]}" = --data_dir ]; then
+    [ $((i + 1)) -lt ${#args[@]} ] || { echo "error: --data_dir needs a folder, e.g. --data_dir ../shared/data" >&2; exit 2; }
+    data_dir=${args[$((i + 1))]}
+  fi
 done
 if [ ! -f "$data_dir/$name/sequences.txt" ]; then
   "$py" "$here/data_prep.py" "$name" --out "$data_dir"
@@ -36,7 +41,7 @@ fi
 
 # the semantic backend: an LLM when an endpoint is configured, else the catalogue's categories
 if [ -n "${OPENAI_BASE_URL:-}" ]; then
-  echo "LLM backend: $OPENAI_BASE_URL (chat ${BIMI_CHAT_MODEL:-gpt-4o-mini}, embeddings ${BIMI_EMBED_MODEL:-text-embedding-3-small})"
+  echo "LLM backend: $OPENAI_BASE_URL (model names as resolved in each run's config.json)"
   backend=(--backend llm --embedder api)
 else
   echo "OPENAI_BASE_URL is not set: the EIMF rows use the categories backend (no LLM), labelled so in the table"

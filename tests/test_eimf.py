@@ -196,3 +196,6 @@ def test_paired_bootstrap_matches_slow_reference():
     assert fast[1] < fast[0] < fast[2]
     same = bimi.paired_bootstrap(backbone, backbone.copy(), resamples=200)
     assert same == (0.0, 0.0, 0.0)
+    # runs save float32 per-user metrics: the result is still plain floats (JSON), to float64 precision
+    single = bimi.paired_bootstrap(backbone.astype(np.float32), eimf.astype(np.float32), resamples=1000, seed=7)
+    assert json.loads(json.dumps(single)) == pytest.approx(list(fast), rel=1e-12)
