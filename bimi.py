@@ -888,9 +888,10 @@ def recommendation_loss(user_vecs, targets, item_table, cfg, gen=None):
         loss = -s_pos + log(exp(s_pos) + sum_j w_j exp(s_j)),  w_j = exp(rbeta s_j) / mean_j' exp(rbeta s_j'),
     so the weights average 1, the positive keeps weight 1, and gradients flow through the weights.
     The negatives are every other item ("full") or the sampled items other than the target
-    ("sampled"). REMI's code keeps a sampled copy of the target among its negatives, and with all
-    items as samples (its sampled_n = 1) the target and the padding row too; the kit never does.
-    Raises SystemExit for an unknown cfg.loss."""
+    ("sampled"). REMI's code reweights only in its sampled softmax (by default 1,280 uniform
+    draws over every row, padding included), keeps a drawn target among the negatives, and with
+    all items as samples (its sampled_n = 1) always counts the target and the padding row as
+    negatives; the kit never does. Raises SystemExit for an unknown cfg.loss."""
     if cfg.loss == "full":
         logits = user_vecs @ item_table[1:].T                              # (B, N): padding is never a candidate
         column = targets - 1
