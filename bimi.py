@@ -1007,12 +1007,13 @@ def metrics_from_ranks(ranks, n_targets, cutoffs):
     """Recall, NDCG and HitRate of each user at each cut-off (METHOD.md section 2): ranks (B, T),
     1-based, inf for a target out of the list or padding; n_targets (B,) -> {"recall@20": (B,), ...}."""
     out = {}
+    gain = 1 / torch.log2(ranks + 1)                                        # (B, T), 0 for inf
     for n in cutoffs:
         hit = ranks <= n
         ideal = (1 / torch.log2(torch.arange(2, n + 2, device=ranks.device).float())).cumsum(0)
         idcg = ideal[(n_targets.clamp(1, n) - 1)]
         out[f"recall@{n}"] = hit.sum(1) / n_targets
-        out[f"ndcg@{n}"] = (hit / torch.log2(ranks + 1)).sum(1) / idcg
+        out[f"ndcg@{n}"] = (hit * gain).sum(1) / idcg
         out[f"hitrate@{n}"] = hit.any(1).float()
     return out
 
