@@ -1375,9 +1375,10 @@ def recommendation_loss(user_vecs, targets, item_table, cfg, gen=None):
         loss = -s_pos + log(exp(s_pos) + sum_j w_j exp(s_j)),  w_j = exp(rbeta s_j) / mean_j' exp(rbeta s_j'),
     so the weights average 1, the positive keeps weight 1, and gradients flow through the weights.
     The negatives are every other item ("full") or the sampled items other than the target
-    ("sampled"). REMI's code keeps a sampled copy of the target among its negatives, and with all
-    items as samples (its sampled_n = 1) the target and the padding row too; the kit never does.
-    Raises SystemExit for an unknown cfg.loss."""
+    ("sampled"). REMI's code reweights only in its sampled softmax (by default 1,280 uniform
+    draws over every row, padding included), keeps a drawn target among the negatives, and with
+    all items as samples (its sampled_n = 1) always counts the target and the padding row as
+    negatives; the kit never does. Raises SystemExit for an unknown cfg.loss."""
     if cfg.loss == "full":
         logits = user_vecs @ item_table[1:].T                              # (B, N): padding is never a candidate
         column = targets - 1
@@ -1498,12 +1499,13 @@ def metrics_from_ranks(ranks, n_targets, cutoffs):
     """Recall, NDCG and HitRate of each user at each cut-off (METHOD.md section 2): ranks (B, T),
     1-based, inf for a target out of the list or padding; n_targets (B,) -> {"recall@20": (B,), ...}."""
     out = {}
+    gain = 1 / torch.log2(ranks + 1)                                        # (B, T), 0 for inf
     for n in cutoffs:
         hit = ranks <= n
         ideal = (1 / torch.log2(torch.arange(2, n + 2, device=ranks.device).float())).cumsum(0)
         idcg = ideal[(n_targets.clamp(1, n) - 1)]
         out[f"recall@{n}"] = hit.sum(1) / n_targets
-        out[f"ndcg@{n}"] = (hit / torch.log2(ranks + 1)).sum(1) / idcg
+        out[f"ndcg@{n}"] = (hit * gain).sum(1) / idcg
         out[f"hitrate@{n}"] = hit.any(1).float()
     return out
 
