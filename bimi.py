@@ -122,6 +122,7 @@ ZERO_ALLOWED = ("esim_seed", "max_retries", "min_len", "retry_wait", "temperatur
 # device is replaced by its resolved type (CPU and CUDA runs differ in rounding).
 NOT_IDENTITY = ("data_dir", "out_dir", "device", "eval_batch")
 EIMF_FIELDS = ("eimf", "lambda_align", "lambda_pred", "tau", "align_batch")
+REMI_FIELDS = ("rlambda", "rbeta")  # used by the remi model only
 ESIM_NOT_IDENTITY = ("base_url", "embed_base_url", "timeout", "max_retries", "retry_wait", "concurrency", "cache_dir")
 
 
@@ -168,6 +169,8 @@ def identity(cfg):
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY + ESIM_NOT_IDENTITY}
     if isinstance(cfg, Config) and not cfg.eimf:
         d = {k: v for k, v in d.items() if k not in EIMF_FIELDS}
+    if isinstance(cfg, Config) and cfg.model != "remi":
+        d = {k: v for k, v in d.items() if k not in REMI_FIELDS}
     return d
 
 

@@ -67,6 +67,9 @@ def test_paths_batch_sizes_and_urls_are_not(base, monkeypatch, tmp_path):
     shutil.copytree(cfg.data_dir, moved)
     assert folder(bimi.dataclasses.replace(cfg, data_dir=str(moved)), ecfg) == first
     assert folder(bimi.dataclasses.replace(cfg, eval_batch=64), ecfg) == first
+    assert folder(bimi.dataclasses.replace(cfg, rlambda=3.0), ecfg) == first  # REMI's weights: remi runs only
+    remi = bimi.dataclasses.replace(cfg, model="remi")
+    assert folder(bimi.dataclasses.replace(remi, rlambda=3.0), ecfg) != folder(remi, ecfg)
     monkeypatch.setenv("OPENAI_BASE_URL", "http://10.1.2.3:8000/v1")
     assert folder(cfg, ecfg) == first
     assert folder(cfg, bimi.dataclasses.replace(ecfg, base_url="https://api.example.com/v1", concurrency=1,
