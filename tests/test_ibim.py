@@ -295,7 +295,10 @@ def test_user_protocol_trains_and_reports_all_cutoffs(synthetic_dir, tmp_path):
 def test_ctrl_c_leaves_a_readable_record(synthetic_dir, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bimi.py"), "train", "--dataset", "synthetic", "--data_dir",
            synthetic_dir, "--out_dir", str(tmp_path / "runs"), "--max_epochs", "100", "--patience", "100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a harness that runs in the background (`cmd &`) starts us with SIGINT ignored, which the
+    # child would inherit; restore the default so that Python turns SIGINT into KeyboardInterrupt
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("epoch   1"):
             break
