@@ -11,6 +11,7 @@ encoders (IBIM backbones), losses, evaluation, training, command line.
     python bimi.py reproduce --dataset beauty --seeds 3
 """
 import concurrent.futures
+import contextlib
 import dataclasses
 import email.utils
 import functools
@@ -746,10 +747,7 @@ class LLMClient:
             with self._lock:
                 self.requests += 1
             try:
-                if self.serial:
-                    with self._serial:
-                        r = requests.post(url, json=payload, headers=headers, timeout=self.cfg.timeout)
-                else:
+                with self._serial if self.serial else contextlib.nullcontext():
                     r = requests.post(url, json=payload, headers=headers, timeout=self.cfg.timeout)
             except requests.Timeout:
                 if not self.serial:

@@ -8,6 +8,22 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def start_server(on_post):
+    """A threaded HTTP server on 127.0.0.1 (a free port) that calls on_post(handler, body) with each
+    POST's parsed JSON body; returns the server (its .shutdown() stops it) and its root URL."""
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            on_post(self, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
 def fake_embedding(text, dim=16):
     digest = hashlib.sha256(text.encode()).digest()
     return [(b - 127.5) / 127.5 for b in digest[:dim]]
@@ -30,25 +46,16 @@ class FakeLLM:
         self.script, self.log, self.completed = [], [], []
         self.n_interests, self.hang_s, self.verbose = n_interests, hang_s, verbose
         self.lock, self.release = threading.Lock(), threading.Event()
-        server = self
+        self.httpd, root = start_server(self._post)
+        self.url = root + "/v1"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    kind = self.path.rsplit("/", 1)[-1]
-                    behaviour = server.script.pop(0) if server.script else "ok"
-                    server.log.append({"path": self.path, "kind": kind, "body": body, "behaviour": behaviour,
-                                       "auth": self.headers.get("Authorization")})
-                server.respond(self, kind, body, behaviour)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def _post(self, handler, body):
+        with self.lock:
+            kind = handler.path.rsplit("/", 1)[-1]
+            behaviour = self.script.pop(0) if self.script else "ok"
+            self.log.append({"path": handler.path, "kind": kind, "body": body, "behaviour": behaviour,
+                             "auth": handler.headers.get("Authorization")})
+        self.respond(handler, kind, body, behaviour)
 
     def send(self, handler, status, payload, headers=()):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -113,34 +120,25 @@ class ScriptedServer:
 
     def __init__(self, reply):
         self.reply, self.log, self.lock = reply, [], threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.log.append((self.path.rsplit("/", 1)[-1], body, dict(self.headers)))
-                    n = len(server.log)
-                status, payload, headers = server.reply(self.path.rsplit("/", 1)[-1], body, n)
-                data = payload.encode() if isinstance(payload, str) else \
-                    payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                headers = dict(headers or {})
-                self.send_response(status)
-                self.send_header("Content-Type", headers.pop("Content-Type", "application/json"))
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.httpd, self.root = start_server(self._post)
         self.url = self.root + "/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def _post(self, handler, body):
+        kind = handler.path.rsplit("/", 1)[-1]
+        with self.lock:
+            self.log.append((kind, body, dict(handler.headers)))
+            n = len(self.log)
+        status, payload, headers = self.reply(kind, body, n)
+        data = payload.encode() if isinstance(payload, str) else \
+            payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        headers = dict(headers or {})
+        handler.send_response(status)
+        handler.send_header("Content-Type", headers.pop("Content-Type", "application/json"))
+        handler.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
 
     def close(self):
         self.httpd.shutdown()
