@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import email.utils
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -65,9 +66,9 @@ class Config:
     loss: str = "full"              # "full" softmax over all items, or "sampled" for big catalogues
     negatives: int = 1000           # shared uniform negatives per batch when loss = "sampled"
     batch_size: int = 512           # training examples per step
-    lr: float = 0.006               # Adam step size; 6x the usual 1e-3 nears the plateau in 5-6 epochs on Beauty
-    max_epochs: int = 7             # time budget (the table's 33 runs took 69 min on 2 cores): ComiRec-SA peaks by then on Beauty; MIND, DR still climb
-    patience: int = 2               # epochs without validation gain before stopping
+    lr: float = 0.006               # Adam step size for every encoder: 6x the usual 1e-3; on Beauty validation ComiRec-SA peaks by epoch 5, MIND and DR climb for 12+ epochs
+    max_epochs: int = 50            # a guard only: runs stop by patience (the table marks a run that reached this "cap")
+    patience: int = 2               # epochs without validation gain before stopping (validation over all users is smooth enough)
     select_metric: str = "recall@20"  # validation metric for early stopping (or "ndcg@20")
     eval_batch: int = 256           # users scored at once in evaluation (bounds memory; cache-sized is fastest on CPU)
     seed: int = 1                   # initialisation, shuffling and sampling
@@ -107,6 +108,7 @@ class EsimConfig:
     max_retries: int = 5            # retries on connection errors, 408, 409, 429 and 5xx
     retry_wait: float = 1.0         # seconds before the first retry, doubled each time (with jitter)
     concurrency: int = 4            # requests in flight at once
+    max_failed: float = 0.2         # share of typical users that may fail before ESIM stops (their interests are left out); a small local model may need more
     embed_batch: int = 64           # texts per /embeddings request
     cache_dir: str = "cache"        # persistent request cache (one file per request)
 
@@ -124,7 +126,8 @@ ZERO_ALLOWED = ("esim_seed", "max_retries", "min_len", "retry_wait", "temperatur
 NOT_IDENTITY = ("data_dir", "out_dir", "device", "eval_batch")
 EIMF_FIELDS = ("eimf", "lambda_align", "lambda_pred", "tau", "align_batch")
 REMI_FIELDS = ("rlambda", "rbeta")  # used by the remi model only
-ESIM_NOT_IDENTITY = ("base_url", "embed_base_url", "timeout", "max_retries", "retry_wait", "concurrency", "cache_dir")
+ESIM_NOT_IDENTITY = ("base_url", "embed_base_url", "timeout", "max_retries", "retry_wait", "concurrency", "cache_dir",
+                     "max_failed")  # a finished ESIM's output does not depend on these
 
 
 def parse_overrides(args, *configs):
@@ -148,6 +151,8 @@ def parse_overrides(args, *configs):
         if kind in (int, float) and key not in ("seed", "split_seed") and \
                 (value < 0 or (value == 0 and key not in ZERO_ALLOWED) or not math.isfinite(value)):
             raise SystemExit(f"error: --{key} must be {'0 or more' if key in ZERO_ALLOWED else 'positive'}, got {text!r}")
+        if key == "max_failed" and value > 1:
+            raise SystemExit(f"error: --max_failed is a share of the typical users, at most 1, got {text!r}")
         setattr(cfg, key, value)
     return configs
 
@@ -218,6 +223,21 @@ def code_version():
     except (OSError, subprocess.SubprocessError):
         pass
     return version
+
+
+@contextlib.contextmanager
+def folder_lock(folder, log=print):
+    """Exclusive use of a run or ESIM folder by one process. A second reproduction started in the
+    same place waits here, then reuses what the first finished; the OS drops the lock when its
+    process ends, so a crash or kill never leaves a stale lock (POSIX flock)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that is making {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def short_hash(obj):
@@ -1083,8 +1103,8 @@ def explicit_interests(data, split, typical, ecfg, client, out):
     with no answer, spent retries). Failures go to out/failures.jsonl and are never cached, so a
     rerun asks only for them. Prompts and interests are saved in `out`.
     Raises LLMError for a failure no other request can escape (bad key, unknown model or URL),
-    and SystemExit as soon as more than 20 % of the users have failed."""
-    limit = int(0.2 * len(typical))
+    and SystemExit as soon as more than ecfg.max_failed (a share) of the users have failed."""
+    limit = int(ecfg.max_failed * len(typical))
     stop, lock, fatal, failures = threading.Event(), threading.Lock(), [], []
 
     def work(n):  # the interests of typical user n, or None (and the failure recorded)
@@ -1125,9 +1145,10 @@ def explicit_interests(data, split, typical, ecfg, client, out):
         raise fatal[0]
     if len(failures) > limit:
         print()
-        raise SystemExit(f"error: {len(failures)} of {len(typical)} typical users failed (more than 20 %), first: "
+        raise SystemExit(f"error: {len(failures)} of {len(typical)} typical users failed (more than --max_failed "
+                         f"{ecfg.max_failed:g}), first: "
                          f"{failures[0]['error'][:300]} (all in {out}/failures.jsonl); fix the endpoint, model or "
-                         "prompts/ and run again: answers so far are cached")
+                         "prompts/ (or allow more with --max_failed) and run again: answers so far are cached")
     with open(os.path.join(out, "interests.jsonl"), "w") as f:
         for t, interests in zip(typical, results):
             if interests:
@@ -1184,12 +1205,18 @@ def run_esim(cfg, ecfg, log=print):
     ident = esim_identity(cfg, ecfg)
     out = os.path.join(cfg.out_dir, cfg.dataset,
                        f"esim-{cfg.model}-{cfg.protocol}-{ecfg.backend}-{ecfg.embedder}-s{seed}-{short_hash(ident)}")
+    with folder_lock(out, log):
+        return esim_locked(cfg, ecfg, backbone_cfg, backbone_dir, ident, out, log)
+
+
+def esim_locked(cfg, ecfg, backbone_cfg, backbone_dir, ident, out, log):
+    """run_esim() once this process holds the ESIM folder `out`."""
+    seed = backbone_cfg.seed
     if os.path.exists(os.path.join(out, "summary.json")):
         with open(os.path.join(out, "summary.json")) as f:
             warn_other_code(out, json.load(f).get("code"), log)
         log(f"reusing ESIM run {out}")
         return out
-    os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "config.json"), {**ident, "esim_config": dataclasses.asdict(ecfg)})
     t0 = time.time()
     data = load_dataset(cfg.data_dir, cfg.dataset)
@@ -1633,6 +1660,12 @@ def train(cfg, ecfg=None, force=False, log=print):
     Raises TrainingError when the loss becomes NaN or infinite (the run is recorded as failed)."""
     ecfg = resolve_esim(dataclasses.replace(ecfg or EsimConfig(), backend=cfg.eimf)) if cfg.eimf else None
     out = run_dir(cfg, ecfg)
+    with folder_lock(out, log):
+        return train_locked(cfg, ecfg, out, force, log)
+
+
+def train_locked(cfg, ecfg, out, force, log):
+    """train() once this process holds the run folder `out` (ecfg resolved, None for a backbone)."""
     metrics_path = os.path.join(out, "metrics.json")
     if not force and os.path.exists(metrics_path):
         with open(metrics_path) as f:
@@ -1720,8 +1753,8 @@ def train(cfg, ecfg=None, force=False, log=print):
     np.savez_compressed(os.path.join(out, "test_per_user.npz"), users=split.test.users,
                         **{k: v.astype(np.float32) for k, v in per_user.items() if k.split("@")[0] != "hitrate"})
     record["test"] = {k: float(v.mean()) for k, v in per_user.items()}
-    record.update(status="done", test_s=round(time.time() - t_test, 2), total_s=round(time.time() - t0, 1),
-                  device=str(device))
+    record.update(status="done", stopped_by="patience" if bad_epochs >= cfg.patience else "epoch cap",
+                  test_s=round(time.time() - t_test, 2), total_s=round(time.time() - t0, 1), device=str(device))
     write_json(metrics_path, record)
     t = record["test"]
     log(f"test (epoch {record['best_epoch']}): recall@20 {t['recall@20']:.4f} ndcg@20 {t['ndcg@20']:.4f} "
@@ -1782,13 +1815,15 @@ def bench_kmeans(cfg, ecfg):
                       "restarts": ecfg.kmeans_restarts, "seconds": round(time.time() - t0, 2)}), flush=True)
 
 
-ROWS = [  # (row label, model, EIMF on?, config overrides, ESIM overrides): METHOD.md section 6
-    *[(m, m, False, {}, {}) for m in MODELS],
-    *[(f"{m} + EIMF", m, True, {}, {}) for m in MODELS],
-    ("comirec-sa + EIMF w/o alignment", "comirec-sa", True, {"lambda_align": 0.0}, {}),
-    ("comirec-sa + EIMF w/o prediction", "comirec-sa", True, {"lambda_pred": 0.0}, {}),
-    ("comirec-sa + EIMF, random users", "comirec-sa", True, {}, {"typical": "random"}),
-    ("comirec-sa + EIMF, categories backend", "comirec-sa", True, {}, {"backend": "categories", "embedder": "hash"}),
+ROWS = [  # (row label, model, EIMF on?, config overrides, ESIM overrides, group): METHOD.md section 6
+    *[(m, m, False, {}, {}, "main") for m in MODELS],
+    *[(f"{m} + EIMF", m, True, {}, {}, "main") for m in MODELS],
+    ("comirec-sa + EIMF w/o alignment", "comirec-sa", True, {"lambda_align": 0.0}, {}, "ablation"),
+    ("comirec-sa + EIMF w/o prediction", "comirec-sa", True, {"lambda_pred": 0.0}, {}, "ablation"),
+    ("comirec-sa + EIMF, random users", "comirec-sa", True, {}, {"typical": "random"}, "ablation"),
+    # the no-LLM reference beside an LLM table (without an LLM it would repeat "comirec-sa + EIMF")
+    ("comirec-sa + EIMF, categories backend", "comirec-sa", True, {}, {"backend": "categories", "embedder": "hash"},
+     "llm reference"),
 ]
 TABLE_METRICS = ("recall@20", "ndcg@20", "hitrate@20", "recall@50", "ndcg@50", "hitrate@50")
 
@@ -1815,30 +1850,50 @@ def paired_bootstrap(backbone, eimf, resamples=2000, seed=0):
     return float(100 * diff.mean() / base.mean()), float(100 * low), float(100 * high)
 
 
-def reproduce(cfg, ecfg, seeds):
-    """Train every row of the table (METHOD.md section 6) for seeds 1..seeds (finished runs are
-    reused), then write results/<dataset>.md and .json: mean ± sample std over seeds, the epochs
-    each run trained, each EIMF row's gain with its paired bootstrap interval, the code versions
-    the rows came from. The "categories backend" ablation is a row only when the main backend is
-    the LLM (otherwise it would repeat the main EIMF row)."""
+def table_rows(backend, models, ablations):
+    """The rows of one table: the backbones in `models` and their EIMF rows; the ComiRec-SA
+    ablations when `ablations` (and comirec-sa is among the models); with the llm backend, the
+    categories-backend row as the no-LLM reference."""
+    wanted = {"main", "ablation"} if ablations else {"main"}
+    if backend == "llm":
+        wanted.add("llm reference")
+    return [row for row in ROWS if row[1] in models and row[5] in wanted]
+
+
+def esim_summary(run):
+    """What the ESIM behind an EIMF run gave: its folder, typical users, how many got interests
+    (parsed) and how many failed, from its summary.json."""
+    with open(os.path.join(run, "config.json")) as f:
+        esim_dir = json.load(f)["esim_dir"]
+    with open(os.path.join(esim_dir, "summary.json")) as f:
+        summary = json.load(f)
+    return {"dir": esim_dir, **{k: summary[k] for k in ("typical_users", "parsed", "failures")}}
+
+
+def reproduce(cfg, ecfg, seeds, models=MODELS, ablations=True):
+    """Train every row of the table (METHOD.md section 6; table_rows) for seeds 1..seeds
+    (finished runs are reused), then write results/<dataset>.md and .json (<dataset>-llm with the
+    llm backend): mean ± sample std over seeds, the epochs each run trained, each EIMF row's gain
+    with its paired bootstrap interval, the code versions the rows came from."""
     t0 = time.time()
-    rows = [r for r in ROWS if ecfg.backend == "llm" or r[4].get("backend") != "categories"]
+    rows = table_rows(ecfg.backend, models, ablations)
     runs = {label: [] for label, *_ in rows}
     for seed in range(1, seeds + 1):  # seed-major: a whole first table appears early
-        for label, model, eimf, overrides, esim_overrides in rows:
+        for label, model, eimf, overrides, esim_overrides, _ in rows:
             e = dataclasses.replace(ecfg, **esim_overrides)
             c = dataclasses.replace(cfg, model=model, seed=seed, eimf=e.backend if eimf else "", **overrides)
             print(f"== {label}, seed {seed}", flush=True)
             runs[label].append(train(c, e))
     results, code_versions = [], {}
-    for label, model, eimf, overrides, esim_overrides in rows:
+    for label, model, eimf, overrides, esim_overrides, _ in rows:
         backend = dataclasses.replace(ecfg, **esim_overrides).backend if eimf else ""
         records = []
         for r in runs[label]:
             with open(os.path.join(r, "metrics.json")) as f:
                 records.append(json.load(f))
+            # one code version = one bimi.py: commits that change only the README keep the table whole
             version = records[-1].get("code") or {}
-            code_versions.setdefault(version.get("git") or version.get("bimi_sha256", "unrecorded"), []).append(r)
+            code_versions.setdefault(version.get("bimi_sha256", "unrecorded"), set()).add(version.get("git") or "no git")
         tests = [rec["test"] for rec in records]
         # sample std (n - 1): numpy's default (n) would shrink the seed spread by 18 % at 3 seeds
         stats = {m: (float(np.mean([t[m] for t in tests])),
@@ -1846,7 +1901,10 @@ def reproduce(cfg, ecfg, seeds):
                  for m in TABLE_METRICS}
         results.append({"row": label, "model": model, "eimf": eimf, "backend": backend, "runs": runs[label],
                         "tests": tests, "mean_std": stats,
-                        "epochs": [f"{rec['best_epoch']}/{len(rec['epochs'])}" for rec in records]})
+                        # "cap": the run reached --max_epochs while still improving (not stopped by patience)
+                        "epochs": [f"{rec['best_epoch']}/{len(rec['epochs'])}"
+                                   + (" cap" if rec.get("stopped_by") == "epoch cap" else "") for rec in records],
+                        "esim": [esim_summary(r) for r in runs[label]] if eimf else None})
     data = load_dataset(cfg.data_dir, cfg.dataset)
     popularity = popularity_metrics(make_split(data, cfg.protocol, cfg.max_len, cfg.split_seed), data.n_items)
     backbone = {r["model"]: r for r in results if not r["eimf"]}
@@ -1859,16 +1917,18 @@ def reproduce(cfg, ecfg, seeds):
                 gain, low, high = paired_bootstrap(*per_user)
                 r["gain_pct"][m] = {"gain": gain, "ci95": [low, high]}
     if len(code_versions) > 1:
-        print(f"warning: the table's runs come from {len(code_versions)} code versions ({', '.join(code_versions)}); "
+        print(f"warning: the table's runs come from {len(code_versions)} versions of bimi.py ({', '.join(code_versions)}); "
               "a table for a paper should come from one: remake the older runs (a fresh --out_dir)")
     meta = {"dataset": cfg.dataset, "protocol": cfg.protocol, "seeds": seeds, "backend": ecfg.backend,
             "chat_model": ecfg.chat_model if ecfg.backend == "llm" else None,
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
                        f"{'CUDA ' + torch.cuda.get_device_name() if resolve_device(cfg.device).type == 'cuda' else 'CPU'}",
             "date": time.strftime("%Y-%m-%d"), "total_s": round(time.time() - t0, 1),
-            "code_versions": sorted(code_versions), "bootstrap": "95 % paired, 2,000 user resamples, seed 0"}
+            "code_versions": {sha: sorted(gits) for sha, gits in sorted(code_versions.items())},
+            "esim_seed": ecfg.esim_seed, "bootstrap": "95 % paired, 2,000 user resamples, seed 0"}
+    name = cfg.dataset + ("-llm" if ecfg.backend == "llm" else "")
     os.makedirs("results", exist_ok=True)
-    write_json(os.path.join("results", f"{cfg.dataset}.json"), {"meta": meta, "rows": results,
+    write_json(os.path.join("results", f"{name}.json"), {"meta": meta, "rows": results,
                                                                  "popularity": popularity})
     backend_name = ("LLM " + ecfg.chat_model if ecfg.backend == "llm" else "categories (no LLM: category paths)")
     lines = [f"{cfg.dataset}, protocol {cfg.protocol}, full ranking, test split, mean ± sample std over seeds "
@@ -1883,9 +1943,17 @@ def reproduce(cfg, ecfg, seeds):
         lines.append(f"| {r['row']} | " + " | ".join(cells + gains) + f" | {', '.join(r['epochs'])} |")
     lines.append("| popularity (reference floor) | " + " | ".join(f"{popularity[k]:.4f}" for k in TABLE_METRICS)
                  + " | | | |")
-    lines += ["", f"{meta['machine']}; {meta['date']}; {meta['total_s']:.0f} s for this invocation; "
-                  f"code {', '.join(meta['code_versions'])}."]
-    with open(os.path.join("results", f"{cfg.dataset}.md"), "w") as f:
+    lines.append("")
+    for r in results:  # what each LLM row's ESIM gave: a weak model's failed users carry no interests
+        if r["eimf"] and r["backend"] == "llm":
+            esims = {e["dir"]: e for e in r["esim"]}.values()
+            lines.append(f"{r['row']}: ESIM gave interests to " + ", ".join(
+                f"{e['parsed']} of {e['typical_users']}" for e in esims) + " typical users"
+                + (f" (one ESIM, on seed {ecfg.esim_seed}'s backbone, shared by every seed)." if ecfg.esim_seed else
+                   " (one ESIM per seed)."))
+    versions = "; ".join(f"bimi.py sha256 {sha} (git {', '.join(gits)})" for sha, gits in meta["code_versions"].items())
+    lines.append(f"{meta['machine']}; {meta['date']}; {meta['total_s']:.0f} s for this invocation; {versions}.")
+    with open(os.path.join("results", f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -1920,27 +1988,39 @@ def main(argv=None):
         print(USAGE.split("\n\n")[0] + "\n\noptions (--key value), with their defaults:\n"
               + options_help(Config, EsimConfig)
               + ("\n  --force                                train again even if a finished run exists" if command == "train" else "")
-              + ("\n  --seeds            3                  seeds 1..N of every row" if command == "reproduce" else "")
+              + ("\n  --seeds            3                  seeds 1..N of every row"
+                 "\n  --models           all four           backbones in the table, comma-separated, e.g. comirec-sa,remi"
+                 "\n  --ablations        1                  0 leaves out the ComiRec-SA ablation rows" if command == "reproduce" else "")
               + ("\n  --bench_steps      0                  training steps timed per encoder (0: a whole epoch)"
                  if command == "bench" else ""))
         return
-    extra = {"--force": False, "--seeds": 3, "--bench_steps": 0}  # command options that are not config fields
-    for flag in extra:
+    # command options that are not config fields: flag -> (the commands that take it, its default)
+    extra = {"--force": (("train",), False), "--seeds": (("reproduce",), 3), "--ablations": (("reproduce",), 1),
+             "--models": (("reproduce",), ",".join(MODELS)), "--bench_steps": (("bench", "_bench_one"), 0)}
+    values = {}
+    for flag, (commands, default) in extra.items():
+        if flag in args and command not in commands:
+            raise SystemExit(f"error: {flag} is an option of `{' / '.join(commands)}`, not of `{command}`")
+        values[flag] = default
         while flag in args:  # the last one wins
             i = args.index(flag)
             if flag == "--force":
-                extra[flag] = True
+                values[flag] = True
                 del args[i]
                 continue
             text = args[i + 1] if i + 1 < len(args) else ""
-            if not text.isdigit() or (flag == "--seeds" and int(text) < 1):
-                raise SystemExit(f"error: {flag} expects a {'positive ' if flag == '--seeds' else ''}whole number "
-                                 f"(e.g. {flag} 3), got {text!r}")
-            extra[flag] = int(text)
+            if flag == "--models":
+                if not text or any(m not in MODELS for m in text.split(",")):
+                    raise SystemExit(f"error: --models takes backbones from {', '.join(MODELS)}, comma-separated "
+                                     f"(e.g. --models comirec-sa,remi), got {text!r}")
+                values[flag] = text
+            elif not text.isdigit() or (flag == "--seeds" and int(text) < 1) or (flag == "--ablations" and int(text) > 1):
+                expected = {"--seeds": "a positive whole number (e.g. --seeds 3)", "--ablations": "0 or 1",
+                            "--bench_steps": "a whole number (e.g. --bench_steps 50)"}[flag]
+                raise SystemExit(f"error: {flag} expects {expected}, got {text!r}")
+            else:
+                values[flag] = int(text)
             del args[i:i + 2]
-    for flag, commands in (("--force", ("train",)), ("--seeds", ("reproduce",)), ("--bench_steps", ("bench", "_bench_one"))):
-        if flag in argv and command not in commands:
-            raise SystemExit(f"error: {flag} is an option of `{' / '.join(commands)}`, not of `{command}`")
     cfg, ecfg = parse_overrides(args, Config(), EsimConfig())
     try:
         if command == "info":
@@ -1949,19 +2029,20 @@ def main(argv=None):
             print(split_summary(data, split, cfg.protocol))
             repeat_summary(data, split)
         elif command == "train":
-            train(cfg, ecfg, force=extra["--force"])
+            train(cfg, ecfg, force=values["--force"])
         elif command == "esim":
             run_esim(cfg, ecfg)
         elif command == "bench":
-            steps = str(extra["--bench_steps"])
+            steps = str(values["--bench_steps"])
             for model in MODELS:  # one process each: its own peak memory
                 subprocess.run([sys.executable, os.path.abspath(__file__), "_bench_one", *args, "--model", model,
                                 "--bench_steps", steps], check=True)
             bench_kmeans(cfg, ecfg)
         elif command == "_bench_one":
-            bench_one(cfg, extra["--bench_steps"])
+            bench_one(cfg, values["--bench_steps"])
         elif command == "reproduce":
-            reproduce(cfg, ecfg, extra["--seeds"])
+            reproduce(cfg, ecfg, values["--seeds"], [m for m in MODELS if m in values["--models"].split(",")],
+                      bool(values["--ablations"]))
     except (DataError, LLMError, TrainingError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:

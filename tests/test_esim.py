@@ -294,6 +294,19 @@ def test_too_many_unparsable_replies_stop_the_run(synthetic_dir, tmp_path, serve
     assert len(failures) > 8
 
 
+def test_max_failed_lets_a_weak_model_finish_without_its_failed_users(synthetic_dir, tmp_path, server4):
+    server = server4
+    cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server, max_failed=0.75)
+    server.script = ["wrong_count"] * 24  # a request and its repair each: about 12 users fail
+    out = bimi.run_esim(cfg, ecfg)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    failed = [json.loads(line)["user"] for line in open(os.path.join(out, "failures.jsonl"))]
+    kept = [json.loads(line)["user"] for line in open(os.path.join(out, "interests.jsonl"))]
+    assert summary["failures"] == len(failed) > 0.2 * summary["typical_users"]  # the default would have stopped
+    assert summary["parsed"] == len(kept) == summary["typical_users"] - len(failed)
+    assert not set(failed) & set(kept)
+
+
 def test_sigkill_mid_run_resumes_without_repeating_finished_requests(synthetic_dir, tmp_path, server4):
     server = server4
     cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)

@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -285,6 +286,20 @@ def test_same_seed_same_metrics_and_finished_runs_are_reused(synthetic_dir, tmp_
     assert other != out
 
 
+def test_two_processes_on_one_run_train_it_once(synthetic_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "bimi.py"), "train", "--dataset", "synthetic", "--data_dir",
+           synthetic_dir, "--out_dir", str(tmp_path / "runs"), "--max_epochs", "3"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in first.stdout:  # the first holds the run folder once it trains
+        if line.startswith("training "):
+            break
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    first_rest = first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and second.returncode == 0, first_rest + second.stdout + second.stderr
+    assert "waiting for another process" in second.stdout and "reusing finished run" in second.stdout
+    assert "training " not in second.stdout
+
+
 def test_user_protocol_trains_and_reports_all_cutoffs(synthetic_dir, tmp_path):
     out = bimi.train(quick_cfg(synthetic_dir, tmp_path, protocol="user", max_epochs=2))
     test = json.load(open(os.path.join(out, "metrics.json")))["test"]
@@ -318,3 +333,23 @@ def test_unknown_and_mistyped_options_are_errors():
         bimi.parse_overrides(["--lr", "fast"], bimi.Config())
     cfg, ecfg = bimi.parse_overrides(["--lr", "0.01", "--clusters", "7"], bimi.Config(), bimi.EsimConfig())
     assert cfg.lr == 0.01 and ecfg.clusters == 7
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["reproduce", "--models", "sasrec"], "--models takes backbones from"),
+    (["reproduce", "--ablations", "2"], "--ablations expects 0 or 1"),
+    (["train", "--models", "remi"], "--models is an option of `reproduce`"),
+    (["esim", "--max_failed", "1.5"], "--max_failed is a share"),
+])
+def test_reproduce_options_are_checked_before_anything_runs(argv, needle):
+    with pytest.raises(SystemExit, match=re.escape(needle)):
+        bimi.main(argv)
+
+
+def test_table_rows_follow_models_ablations_and_backend():
+    labels = lambda *a: [row[0] for row in bimi.table_rows(*a)]
+    assert labels("categories", ["comirec-sa"], False) == ["comirec-sa", "comirec-sa + EIMF"]
+    assert labels("llm", ["comirec-sa"], False) == ["comirec-sa", "comirec-sa + EIMF",
+                                                    "comirec-sa + EIMF, categories backend"]
+    assert labels("categories", ["mind", "remi"], True) == ["mind", "remi", "mind + EIMF", "remi + EIMF"]
+    assert len(labels("categories", bimi.MODELS, True)) == 11 and len(labels("llm", bimi.MODELS, True)) == 12
