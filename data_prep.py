@@ -281,6 +281,7 @@ def write_dataset(out_dir, sequences, items):
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data is shared like any file written by open()
         temps[name] = tmp
     for name, tmp in temps.items():
         os.replace(tmp, os.path.join(out_dir, name))

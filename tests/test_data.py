@@ -344,6 +344,8 @@ def test_synthetic_is_deterministic_and_has_planted_topics():
 
 
 def test_synthetic_loads_and_splits_offline(synthetic_dir):
+    for name in ("sequences.txt", "items.jsonl"):  # readable by others, as a plain open() would leave it
+        assert os.stat(os.path.join(synthetic_dir, "synthetic", name)).st_mode & 0o777 == 0o644
     data = bimi.load_dataset(synthetic_dir, "synthetic")
     for protocol in ("loo", "user"):
         split = bimi.make_split(data, protocol)
