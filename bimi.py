@@ -67,9 +67,9 @@ class Config:
     negatives: int = 1000           # shared uniform negatives per batch when loss = "sampled"
     batch_size: int = 512           # training examples per step
     lr: float = 0.006               # Adam step size for every encoder: 6x the usual 1e-3; on Beauty validation ComiRec-SA peaks by epoch 5, MIND and DR climb for 12+ epochs
-    max_epochs: int = 50            # a guard only: runs stop by patience (the table marks a run that reached this "cap")
+    max_epochs: int = 50            # a guard only: runs stop by patience (the table marks "cap" a run that reached this first)
     patience: int = 2               # epochs without validation gain before stopping (validation over all users is smooth enough)
-    select_metric: str = "recall@20"  # validation metric for early stopping (or "ndcg@20")
+    select_metric: str = "recall@20"  # validation metric for early stopping (or ndcg@20, recall@50, ndcg@50)
     eval_batch: int = 256           # users scored at once in evaluation (bounds memory; cache-sized is fastest on CPU)
     seed: int = 1                   # initialisation, shuffling and sampling
     device: str = "auto"            # "auto" (CUDA when present), "cpu" or "cuda"
@@ -108,7 +108,7 @@ class EsimConfig:
     max_retries: int = 5            # retries on connection errors, 408, 409, 429 and 5xx
     retry_wait: float = 1.0         # seconds before the first retry, doubled each time (with jitter)
     concurrency: int = 4            # requests in flight at once
-    max_failed: float = 0.2         # share of typical users that may fail before ESIM stops (their interests are left out); a small local model may need more
+    max_failed: float = 0.2         # share (0-1) of typical users that may fail before ESIM stops (their interests are left out); a small local model may need more
     embed_batch: int = 64           # texts per /embeddings request
     cache_dir: str = "cache"        # persistent request cache (one file per request)
 
@@ -119,7 +119,7 @@ CHOICES = {  # fields with a fixed set of values, checked before anything is loa
     "select_metric": ("recall@20", "ndcg@20", "recall@50", "ndcg@50"), "eimf": ("", "categories", "llm"),
     "backend": ("llm", "categories"), "embedder": ("api", "hash"), "typical": ("clustered", "random"),
 }
-ZERO_ALLOWED = ("esim_seed", "max_retries", "min_len", "retry_wait", "temperature", "lambda_align", "lambda_pred",
+ZERO_ALLOWED = ("esim_seed", "max_failed", "max_retries", "min_len", "retry_wait", "temperature", "lambda_align", "lambda_pred",
                 "rlambda", "rbeta")  # numeric options that may be 0; every other one must be positive
 # Paths and batch sizes that do not change a run's results are left out of its identity; the
 # device is replaced by its resolved type (CPU and CUDA runs differ in rounding).
@@ -133,9 +133,14 @@ ESIM_NOT_IDENTITY = ("base_url", "embed_base_url", "timeout", "max_retries", "re
 def parse_overrides(args, *configs):
     """Apply `--key value` pairs to the dataclasses. An unknown key, a value of the wrong type or
     outside CHOICES is a SystemExit with one line naming the option (before any data is read)."""
+    fields = {f.name: c for c in configs for f in dataclasses.fields(c)}
+    for i, flag in enumerate(args):  # a flag at the end, or followed by another flag, lacks its value
+        if flag.startswith("--") and (i + 1 == len(args) or args[i + 1].startswith("--")) and i % 2 == 0:
+            key = flag[2:].replace("-", "_")
+            example = f"e.g. {flag} {getattr(fields[key], key)!r}" if key in fields else "see --help"
+            raise SystemExit(f"error: {flag} needs a value ({example})")
     if len(args) % 2:
         raise SystemExit(f"error: options come in --key value pairs, got {' '.join(args)}; see --help")
-    fields = {f.name: c for c in configs for f in dataclasses.fields(c)}
     for flag, text in zip(args[::2], args[1::2]):
         key = flag.lstrip("-").replace("-", "_")
         if not flag.startswith("--") or key not in fields:
@@ -1745,6 +1750,9 @@ def train_locked(cfg, ecfg, out, force, log):
         log(f"interrupted: {len(record['epochs'])} epochs recorded in {metrics_path}; {best}; "
             "run again to restart this run")
         raise
+    if bad_epochs < cfg.patience:
+        log(f"stopped by --max_epochs {cfg.max_epochs} before patience ({cfg.patience}) did: the tables mark this run "
+            "'cap'; raise --max_epochs to train it to convergence")
     model.load_state_dict(best_state)
     t_test = time.time()
     model.eval()
@@ -1860,6 +1868,21 @@ def table_rows(backend, models, ablations):
     return [row for row in ROWS if row[1] in models and row[5] in wanted]
 
 
+def runs_seconds(runs):
+    """Seconds that the distinct runs took to train (metrics.json total_s) plus the seconds of the
+    distinct ESIMs behind them (summary.json), as they were measured when each was made."""
+    seconds, esims = 0.0, set()
+    for run in set(runs):
+        with open(os.path.join(run, "metrics.json")) as f:
+            seconds += json.load(f)["total_s"]
+        with open(os.path.join(run, "config.json")) as f:
+            esims.add(json.load(f)["esim_dir"])
+    for esim_dir in esims - {None}:
+        with open(os.path.join(esim_dir, "summary.json")) as f:
+            seconds += json.load(f)["seconds"]
+    return seconds
+
+
 def esim_summary(run):
     """What the ESIM behind an EIMF run gave: its folder, typical users, how many got interests
     (parsed) and how many failed, from its summary.json."""
@@ -1870,11 +1893,37 @@ def esim_summary(run):
     return {"dir": esim_dir, **{k: summary[k] for k in ("typical_users", "parsed", "failures")}}
 
 
+def table_name(dataset, backend, models, ablations):
+    """The file name (no extension) of a table under results/: the dataset, "-llm" for the llm
+    backend, then the backbones when not all four and "-no-ablations", so that a partial table never
+    overwrites the whole one."""
+    return (dataset + ("-llm" if backend == "llm" else "") + ("" if list(models) == list(MODELS) else "-" + "+".join(models))
+            + ("" if ablations or "comirec-sa" not in models else "-no-ablations"))
+
+
+def prepare_data(cfg):
+    """reproduce's first step, once every option has been checked: the processed dataset, made by
+    data_prep.py (beside this file) when data_dir/dataset/ has none. SystemExit with one line when
+    data_prep cannot make it (a download that failed, Yelp's files not fetched by hand, a name it
+    does not know)."""
+    if os.path.exists(os.path.join(cfg.data_dir, cfg.dataset, "sequences.txt")):
+        return
+    import data_prep  # only reproduce downloads; the kit's other commands read prepared files
+    if cfg.dataset not in data_prep.DATASETS:
+        raise SystemExit(f"error: {os.path.join(cfg.data_dir, cfg.dataset, 'sequences.txt')} is missing, and data_prep.py "
+                         f"makes only {', '.join(data_prep.DATASETS)}: put your own sequences.txt and items.jsonl there "
+                         "(README, 'Single steps') or point --data_dir at them")
+    try:
+        data_prep.prepare(cfg.dataset, cfg.data_dir)
+    except data_prep.PrepError as e:
+        raise SystemExit(f"data_prep: {e}")
+
+
 def reproduce(cfg, ecfg, seeds, models=MODELS, ablations=True):
     """Train every row of the table (METHOD.md section 6; table_rows) for seeds 1..seeds
-    (finished runs are reused), then write results/<dataset>.md and .json (<dataset>-llm with the
-    llm backend): mean ± sample std over seeds, the epochs each run trained, each EIMF row's gain
-    with its paired bootstrap interval, the code versions the rows came from."""
+    (finished runs are reused), then write results/<table_name>.md and .json: mean ± sample std
+    over seeds, the epochs each run trained, each EIMF row's gain with its paired bootstrap
+    interval, the code versions the rows came from, the seconds the runs took to train."""
     t0 = time.time()
     rows = table_rows(ecfg.backend, models, ablations)
     runs = {label: [] for label, *_ in rows}
@@ -1924,9 +1973,10 @@ def reproduce(cfg, ecfg, seeds, models=MODELS, ablations=True):
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
                        f"{'CUDA ' + torch.cuda.get_device_name() if resolve_device(cfg.device).type == 'cuda' else 'CPU'}",
             "date": time.strftime("%Y-%m-%d"), "total_s": round(time.time() - t0, 1),
+            "runs_s": round(runs_seconds(r for row in results for r in row["runs"]), 1),
             "code_versions": {sha: sorted(gits) for sha, gits in sorted(code_versions.items())},
             "esim_seed": ecfg.esim_seed, "bootstrap": "95 % paired, 2,000 user resamples, seed 0"}
-    name = cfg.dataset + ("-llm" if ecfg.backend == "llm" else "")
+    name = table_name(cfg.dataset, ecfg.backend, models, ablations)
     os.makedirs("results", exist_ok=True)
     write_json(os.path.join("results", f"{name}.json"), {"meta": meta, "rows": results,
                                                                  "popularity": popularity})
@@ -1948,11 +1998,12 @@ def reproduce(cfg, ecfg, seeds, models=MODELS, ablations=True):
         if r["eimf"] and r["backend"] == "llm":
             esims = {e["dir"]: e for e in r["esim"]}.values()
             lines.append(f"{r['row']}: ESIM gave interests to " + ", ".join(
-                f"{e['parsed']} of {e['typical_users']}" for e in esims) + " typical users"
-                + (f" (one ESIM, on seed {ecfg.esim_seed}'s backbone, shared by every seed)." if ecfg.esim_seed else
-                   " (one ESIM per seed)."))
+                f"{e['parsed']} of {e['typical_users']}" for e in esims) + " typical users.")
+    lines.append(f"ESIM: one per EIMF row, on seed {ecfg.esim_seed}'s backbone, shared by every seed (the seed spread "
+                 "leaves out ESIM's variance)." if ecfg.esim_seed else "ESIM: one per EIMF row and seed, on that seed's backbone.")
     versions = "; ".join(f"bimi.py sha256 {sha} (git {', '.join(gits)})" for sha, gits in meta["code_versions"].items())
-    lines.append(f"{meta['machine']}; {meta['date']}; {meta['total_s']:.0f} s for this invocation; {versions}.")
+    lines.append(f"{meta['machine']}; {meta['date']}; the runs took {meta['runs_s']:.0f} s to train, ESIM included, one "
+                 f"after another; {meta['total_s']:.0f} s for this invocation; {versions}.")
     with open(os.path.join("results", f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -2014,7 +2065,8 @@ def main(argv=None):
                     raise SystemExit(f"error: --models takes backbones from {', '.join(MODELS)}, comma-separated "
                                      f"(e.g. --models comirec-sa,remi), got {text!r}")
                 values[flag] = text
-            elif not text.isdigit() or (flag == "--seeds" and int(text) < 1) or (flag == "--ablations" and int(text) > 1):
+            elif not re.fullmatch("[0-9]+", text) or (flag == "--seeds" and int(text) < 1) or \
+                    (flag == "--ablations" and int(text) > 1):  # ASCII digits: str.isdigit takes '²' too
                 expected = {"--seeds": "a positive whole number (e.g. --seeds 3)", "--ablations": "0 or 1",
                             "--bench_steps": "a whole number (e.g. --bench_steps 50)"}[flag]
                 raise SystemExit(f"error: {flag} expects {expected}, got {text!r}")
@@ -2041,6 +2093,7 @@ def main(argv=None):
         elif command == "_bench_one":
             bench_one(cfg, values["--bench_steps"])
         elif command == "reproduce":
+            prepare_data(cfg)
             reproduce(cfg, ecfg, values["--seeds"], [m for m in MODELS if m in values["--models"].split(",")],
                       bool(values["--ablations"]))
     except (DataError, LLMError, TrainingError) as e:

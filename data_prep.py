@@ -25,6 +25,7 @@ import zlib
 import requests
 
 AMAZON = {"beauty": "Beauty", "sports": "Sports_and_Outdoors", "toys": "Toys_and_Games"}
+DATASETS = (*AMAZON, "yelp", "synthetic")  # what this script can make
 # The 2014 release (McAuley et al.), tried in order; the first that answers with the file wins.
 MIRRORS = [
     "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/",
@@ -419,7 +420,7 @@ def prepare(name, out, raw_dir=None, seed=0, synthetic=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["beauty", "sports", "toys", "yelp", "synthetic"])
+    p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--out", default="data", help="output folder (default: data)")
     p.add_argument("--raw-dir", help="folder with raw files fetched by hand (skips the download)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Rebuild every row of the results table (METHOD.md section 6) end to end:
-#   bash reproduce.sh DATASET [--seeds N] [--key value ...]
+#   bash reproduce.sh DATASET [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
 # DATASET: demo (synthetic, offline, a few minutes), beauty, sports, toys, yelp.
 # Data, runs, cache and results/ are written under the current folder; finished runs are
 # reused, so an interrupted reproduction resumes where it stopped. Extra --key value pairs
-# are bimi.py options (e.g. --device cuda, --data_dir ../shared/data).
+# are bimi.py options (e.g. --device cuda, --data_dir ../shared/data); every option is checked
+# before any download or training.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp [--seeds N] [--key value ...]"
-dataset=${1:?$usage}
-shift
-case "$dataset" in demo | beauty | sports | toys | yelp) ;; *) echo "error: unknown dataset '$dataset'; $usage" >&2; exit 2 ;; esac
+usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
+  --seeds N        seeds 1..N of every row (default 3)
+  --models LIST    backbones, comma-separated (default mind,comirec-dr,comirec-sa,remi)
+  --ablations 0    leave out the ComiRec-SA ablation rows
+  other options: python bimi.py reproduce --help"
+case "${1:-}" in
+  demo | beauty | sports | toys | yelp) dataset=$1; shift ;;
+  "" | -h | --help | help) echo "$usage"; [ -n "${1:-}" ]; exit ;;
+  *) echo "error: unknown dataset '$1'" >&2; echo "$usage" >&2; exit 2 ;;
+esac
 [ "$dataset" = demo ] && name=synthetic || name=$dataset
 
 # dependencies: a virtual environment beside the kit (BIMI_PYTHON picks an existing interpreter)
@@ -26,19 +33,6 @@ fi
 # (batch x items) logits in again; keeping freed memory in the process makes a step 10-30 % faster
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-1073741824} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-1073741824}
 
-# data: prepared once, then reused (a --data_dir override points elsewhere)
-data_dir=data
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  if [ "${args[$i]}" = --data_dir ]; then
-    [ $((i + 1)) -lt ${#args[@]} ] || { echo "error: --data_dir needs a folder, e.g. --data_dir ../shared/data" >&2; exit 2; }
-    data_dir=${args[$((i + 1))]}
-  fi
-done
-if [ ! -f "$data_dir/$name/sequences.txt" ]; then
-  "$py" "$here/data_prep.py" "$name" --out "$data_dir"
-fi
-
 # the semantic backend: an LLM when an endpoint is configured, else the catalogue's categories
 if [ -n "${OPENAI_BASE_URL:-}" ]; then
   echo "LLM backend: $OPENAI_BASE_URL (model names as resolved in each run's config.json)"
@@ -50,4 +44,6 @@ fi
 
 # the demo trades seeds and epochs for a run of a few minutes; later options override these
 [ "$dataset" = demo ] && defaults=(--seeds 2 --max_epochs 5) || defaults=()
-"$py" "$here/bimi.py" reproduce --dataset "$name" --data_dir "$data_dir" "${backend[@]}" "${defaults[@]}" "$@"
+# data/ beside the runs unless --data_dir says otherwise (later options win); bimi.py checks every
+# option, then prepares the data if it is missing, then trains
+"$py" "$here/bimi.py" reproduce --dataset "$name" --data_dir data "${backend[@]}" "${defaults[@]}" "$@"

@@ -340,10 +340,35 @@ def test_unknown_and_mistyped_options_are_errors():
     (["reproduce", "--ablations", "2"], "--ablations expects 0 or 1"),
     (["train", "--models", "remi"], "--models is an option of `reproduce`"),
     (["esim", "--max_failed", "1.5"], "--max_failed is a share"),
+    (["reproduce", "--seeds", "\u00b2"], "--seeds expects a positive whole number"),  # '²'.isdigit() is True
+    (["train", "--max_failed"], "--max_failed needs a value (e.g. --max_failed 0.2)"),
+    (["train", "--lr", "--seed", "2"], "--lr needs a value (e.g. --lr 0.006)"),
+    (["reproduce", "--dataset", "mine", "--data_dir", "/nonexistent"], "data_prep.py makes only beauty"),
 ])
 def test_reproduce_options_are_checked_before_anything_runs(argv, needle):
     with pytest.raises(SystemExit, match=re.escape(needle)):
         bimi.main(argv)
+
+
+def test_reproduce_sh_checks_options_before_preparing_data(tmp_path):
+    env = dict(os.environ, BIMI_PYTHON=sys.executable)
+    script = os.path.join(ROOT, "reproduce.sh")
+    bad = subprocess.run(["bash", script, "beauty", "--seeds", "0"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "--seeds expects a positive whole number" in bad.stderr
+    assert os.listdir(tmp_path) == []  # nothing downloaded, no folder made
+    usage = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "--models" in usage.stdout and "--ablations" in usage.stdout
+    bare = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
+    assert bare.returncode != 0 and bare.stdout.startswith("usage: bash reproduce.sh")
+
+
+def test_a_partial_table_never_takes_the_whole_tables_file():
+    names = {bimi.table_name("beauty", backend, models, ablations) for backend in ("categories", "llm")
+             for models in (bimi.MODELS, ["comirec-sa"], ["mind", "remi"]) for ablations in (True, False)}
+    assert len(names) == 10  # 2 backends x (all+ablations, all, sa+ablations, sa, mind+remi with or without)
+    assert bimi.table_name("beauty", "categories", bimi.MODELS, True) == "beauty"
+    assert bimi.table_name("beauty", "llm", ["comirec-sa"], False) == "beauty-llm-comirec-sa-no-ablations"
 
 
 def test_table_rows_follow_models_ablations_and_backend():
