@@ -1981,13 +1981,13 @@ def reproduce(cfg, ecfg, seeds, models=MODELS, ablations=True):
     write_json(os.path.join("results", f"{name}.json"), {"meta": meta, "rows": results,
                                                                  "popularity": popularity})
     backend_name = ("LLM " + ecfg.chat_model if ecfg.backend == "llm" else "categories (no LLM: category paths)")
-    lines = [f"{cfg.dataset}, protocol {cfg.protocol}, full ranking, test split, mean ± sample std over seeds "
-             f"1-{seeds}; EIMF backend: {backend_name}; gain: relative to the backbone, with its 95 % paired "
-             "bootstrap interval over users",
+    over_seeds = f"mean ± sample std over seeds 1-{seeds}" if seeds > 1 else "seed 1 (one seed: no seed spread)"
+    lines = [f"{cfg.dataset}, protocol {cfg.protocol}, full ranking, test split, {over_seeds}; EIMF backend: "
+             f"{backend_name}; gain: relative to the backbone, with its 95 % paired bootstrap interval over users",
              "", "| row | " + " | ".join(TABLE_METRICS) + " | gain R@20 [95 % CI] | gain N@20 [95 % CI] | epochs (best/run) |",
              "|---" * (len(TABLE_METRICS) + 4) + "|"]
     for r in results:
-        cells = [f"{m:.4f} ± {s:.4f}" for m, s in (r["mean_std"][k] for k in TABLE_METRICS)]
+        cells = [f"{m:.4f} ± {s:.4f}" if seeds > 1 else f"{m:.4f}" for m, s in (r["mean_std"][k] for k in TABLE_METRICS)]
         gains = [f"{g['gain']:+.1f} % [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]"
                  for g in (r["gain_pct"][m] for m in GAIN_METRICS)] if r["eimf"] else ["", ""]
         lines.append(f"| {r['row']} | " + " | ".join(cells + gains) + f" | {', '.join(r['epochs'])} |")
