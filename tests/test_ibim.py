@@ -363,6 +363,12 @@ def test_reproduce_sh_checks_options_before_preparing_data(tmp_path):
     assert bare.returncode != 0 and bare.stdout.startswith("usage: bash reproduce.sh")
 
 
+def test_help_into_a_pipe_that_closes_early_is_no_traceback():
+    out = subprocess.run(f"{sys.executable} {os.path.join(ROOT, 'bimi.py')} train --help | head -1", shell=True,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("usage:") and "Traceback" not in out.stderr, out.stderr
+
+
 def test_a_partial_table_never_takes_the_whole_tables_file():
     names = {bimi.table_name("beauty", backend, models, ablations) for backend in ("categories", "llm")
              for models in (bimi.MODELS, ["comirec-sa"], ["mind", "remi"]) for ablations in (True, False)}
