@@ -1996,20 +1996,19 @@ def reproduce(cfg, ecfg, seeds, models=MODELS, ablations=True):
     print("\n".join(lines))
 
 
-COMMANDS = ("info", "train", "esim", "bench", "reproduce", "_bench_one")  # the last is internal
-USAGE = """usage: python bimi.py COMMAND [--key value ...]   (python bimi.py COMMAND --help lists every option)
-
-commands:
-  info       load the dataset, build the split and print a summary
-  train      train one run (backbone, or EIMF with --eimf categories|llm)
-  esim       run ESIM for a trained backbone (--model, --backend, --embedder ...)
-  bench      per encoder: seconds per training step (--bench_steps N: the first N steps of an epoch;
-             default the whole epoch), test users ranked per second, peak memory; and k-means
-  reproduce  every row of the results table over --seeds N (default 3)
-
+COMMANDS = {  # command -> what it does (the last is internal: one encoder's bench in a fresh process)
+    "info": "load the dataset, build the split and print a summary",
+    "train": "train one run (backbone, or EIMF with --eimf categories|llm)",
+    "esim": "run ESIM for a trained backbone (--model, --backend, --embedder ...)",
+    "bench": "per encoder: seconds per training step (--bench_steps N: the first N steps of an epoch;\n"
+             "             default the whole epoch), test users ranked per second, peak memory; and k-means",
+    "reproduce": "every row of the results table over --seeds N (default 3)",
+    "_bench_one": None}
+USAGE = ("usage: python bimi.py COMMAND [--key value ...]   (python bimi.py COMMAND --help lists every option)\n\n"
+         "commands:\n" + "".join(f"  {c:<10} {text}\n" for c, text in COMMANDS.items() if text) + """
 Every field of Config and EsimConfig is an option (see the top of bimi.py), e.g.
   python bimi.py train --dataset beauty --model comirec-sa --seed 1 --lr 0.003
-"""
+""")
 
 
 def main(argv=None):
@@ -2021,9 +2020,11 @@ def main(argv=None):
         return
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
-        raise SystemExit(f"error: unknown command {command!r}; one of {', '.join(COMMANDS[:-1])} (see --help)")
+        raise SystemExit(f"error: unknown command {command!r}; one of {', '.join(c for c in COMMANDS if COMMANDS[c])} "
+                         "(see --help)")
     if "-h" in args or "--help" in args:
-        print(USAGE.split("\n\n")[0] + "\n\noptions (--key value), with their defaults:\n"
+        print(f"usage: python bimi.py {command} [--key value ...]\n  {COMMANDS[command]}\n\n"
+              "options (--key value), with their defaults:\n"
               + options_help(Config, EsimConfig)
               + ("\n  --force                                train again even if a finished run exists" if command == "train" else "")
               + ("\n  --seeds            3                  seeds 1..N of every row"

@@ -369,6 +369,14 @@ def test_help_into_a_pipe_that_closes_early_is_no_traceback():
     assert out.stdout.startswith("usage:") and "Traceback" not in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("command", ["info", "train", "esim", "bench", "reproduce"])
+def test_each_commands_help_names_that_command(command, capsys):
+    bimi.main([command, "--help"])
+    usage, what = capsys.readouterr().out.splitlines()[:2]
+    assert usage == f"usage: python bimi.py {command} [--key value ...]"
+    assert what.strip() and what.strip().split()[0] in bimi.USAGE.split(f"\n  {command} ")[1]  # its line of --help
+
+
 def test_a_partial_table_never_takes_the_whole_tables_file():
     names = {bimi.table_name("beauty", backend, models, ablations) for backend in ("categories", "llm")
              for models in (bimi.MODELS, ["comirec-sa"], ["mind", "remi"]) for ablations in (True, False)}
