@@ -139,8 +139,10 @@ def parse_overrides(args, *configs):
             key = flag[2:].replace("-", "_")
             example = f"e.g. {flag} {getattr(fields[key], key)!r}" if key in fields else "see --help"
             raise SystemExit(f"error: {flag} needs a value ({example})")
-    if len(args) % 2:
-        raise SystemExit(f"error: options come in --key value pairs, got {' '.join(args)}; see --help")
+    for flag in args[::2]:  # after the checks above, a pair that starts with a bare word is one word too many
+        if not flag.startswith("--"):
+            raise SystemExit(f"error: {flag!r} is not an option: options come in --key value pairs, "
+                             "and a switch (--force) takes no value; see --help")
     for flag, text in zip(args[::2], args[1::2]):
         key = flag.lstrip("-").replace("-", "_")
         if not flag.startswith("--") or key not in fields:
@@ -2004,6 +2006,13 @@ COMMANDS = {  # command -> what it does (the last is internal: one encoder's ben
              "             default the whole epoch), test users ranked per second, peak memory; and k-means",
     "reproduce": "every row of the results table over --seeds N (default 3)",
     "_bench_one": None}
+COMMAND_OPTIONS = [  # (the commands that take it, option, default, default as --help shows it, what it does)
+    (("train",), "--force", False, "", "train again even if a finished run exists"),
+    (("reproduce",), "--seeds", 3, "3", "seeds 1..N of every row"),
+    (("reproduce",), "--models", ",".join(MODELS), "all four",
+     "backbones in the table, comma-separated, e.g. comirec-sa,remi"),
+    (("reproduce",), "--ablations", 1, "1", "0 leaves out the ComiRec-SA ablation rows"),
+    (("bench", "_bench_one"), "--bench_steps", 0, "0", "training steps timed per encoder (0: a whole epoch)")]
 USAGE = ("usage: python bimi.py COMMAND [--key value ...]   (python bimi.py COMMAND --help lists every option)\n\n"
          "commands:\n" + "".join(f"  {c:<10} {text}\n" for c, text in COMMANDS.items() if text) + """
 Every field of Config and EsimConfig is an option (see the top of bimi.py), e.g.
@@ -2026,16 +2035,10 @@ def main(argv=None):
         print(f"usage: python bimi.py {command} [--key value ...]\n  {COMMANDS[command]}\n\n"
               "options (--key value), with their defaults:\n"
               + options_help(Config, EsimConfig)
-              + ("\n  --force                                train again even if a finished run exists" if command == "train" else "")
-              + ("\n  --seeds            3                  seeds 1..N of every row"
-                 "\n  --models           all four           backbones in the table, comma-separated, e.g. comirec-sa,remi"
-                 "\n  --ablations        1                  0 leaves out the ComiRec-SA ablation rows" if command == "reproduce" else "")
-              + ("\n  --bench_steps      0                  training steps timed per encoder (0: a whole epoch)"
-                 if command == "bench" else ""))
+              + "".join(f"\n  {flag:<20} {shown:<18} {what}" for commands, flag, _, shown, what in COMMAND_OPTIONS
+                        if command in commands))
         return
-    # command options that are not config fields: flag -> (the commands that take it, its default)
-    extra = {"--force": (("train",), False), "--seeds": (("reproduce",), 3), "--ablations": (("reproduce",), 1),
-             "--models": (("reproduce",), ",".join(MODELS)), "--bench_steps": (("bench", "_bench_one"), 0)}
+    extra = {flag: (commands, default) for commands, flag, default, _, _ in COMMAND_OPTIONS}
     values = {}
     for flag, (commands, default) in extra.items():
         if flag in args and command not in commands:
@@ -2061,6 +2064,10 @@ def main(argv=None):
             else:
                 values[flag] = int(text)
             del args[i:i + 2]
+    per_row = {"--model": "--models LIST", "--seed": "--seeds N", "--eimf": "--backend (the EIMF rows' backend)"}
+    for flag, instead in per_row.items():
+        if command == "reproduce" and flag in args:  # reproduce sets these for each row of the table
+            raise SystemExit(f"error: reproduce sets {flag} for each row; use {instead}")
     cfg, ecfg = parse_overrides(args, Config(), EsimConfig())
     try:
         if command == "info":
@@ -2081,6 +2088,7 @@ def main(argv=None):
         elif command == "_bench_one":
             bench_one(cfg, values["--bench_steps"])
         elif command == "reproduce":
+            resolve_esim(ecfg)  # a bad endpoint or model name stops here, not after the backbones have trained
             prepare_data(cfg)
             reproduce(cfg, ecfg, values["--seeds"], [m for m in MODELS if m in values["--models"].split(",")],
                       bool(values["--ablations"]))

@@ -9,7 +9,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
-  --seeds N        seeds 1..N of every row (default 3)
+  --seeds N        seeds 1..N of every row (default 3; demo 2)
   --models LIST    backbones, comma-separated (default mind,comirec-dr,comirec-sa,remi)
   --ablations 0    leave out the ComiRec-SA ablation rows
   other options: python bimi.py reproduce --help"
@@ -23,6 +23,7 @@ esac
 # dependencies: a virtual environment beside the kit (BIMI_PYTHON picks an existing interpreter)
 if [ -n "${BIMI_PYTHON:-}" ]; then
   py=$BIMI_PYTHON
+  command -v "$py" > /dev/null || { echo "error: BIMI_PYTHON=$py is not a Python interpreter; unset it to use .venv/" >&2; exit 2; }
 else
   [ -x "$here/.venv/bin/python" ] || python3 -m venv "$here/.venv"
   "$here/.venv/bin/pip" install -q -r "$here/requirements.txt"

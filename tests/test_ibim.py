@@ -344,6 +344,11 @@ def test_unknown_and_mistyped_options_are_errors():
     (["train", "--max_failed"], "--max_failed needs a value (e.g. --max_failed 0.2)"),
     (["train", "--lr", "--seed", "2"], "--lr needs a value (e.g. --lr 0.006)"),
     (["reproduce", "--dataset", "mine", "--data_dir", "/nonexistent"], "data_prep.py makes only beauty"),
+    (["reproduce", "--model", "remi", "--dataset", "mine", "--data_dir", "/nonexistent"],
+     "reproduce sets --model for each row; use --models LIST"),
+    (["reproduce", "--backend", "llm", "--base_url", "localhost:1", "--dataset", "mine", "--data_dir", "/nonexistent"],
+     "--base_url is 'localhost:1': it needs http://"),  # before the data and the backbones, not after
+    (["train", "--dataset", "x", "--force", "1"], "'1' is not an option"),  # not the whole argument list
 ])
 def test_reproduce_options_are_checked_before_anything_runs(argv, needle):
     with pytest.raises(SystemExit, match=re.escape(needle)):
@@ -361,6 +366,9 @@ def test_reproduce_sh_checks_options_before_preparing_data(tmp_path):
     assert usage.returncode == 0 and "--models" in usage.stdout and "--ablations" in usage.stdout
     bare = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
     assert bare.returncode != 0 and bare.stdout.startswith("usage: bash reproduce.sh")
+    no_python = subprocess.run(["bash", script, "demo"], cwd=tmp_path, env=dict(env, BIMI_PYTHON="/nonexistent/python"),
+                               capture_output=True, text=True, timeout=60)
+    assert no_python.returncode != 0 and "BIMI_PYTHON=/nonexistent/python is not a Python" in no_python.stderr
 
 
 def test_help_into_a_pipe_that_closes_early_is_no_traceback():
