@@ -1899,7 +1899,7 @@ def prepare_data(cfg):
     if cfg.dataset not in data_prep.DATASETS:
         raise SystemExit(f"error: {os.path.join(cfg.data_dir, cfg.dataset, 'sequences.txt')} is missing, and data_prep.py "
                          f"makes only {', '.join(data_prep.DATASETS)}: put your own sequences.txt and items.jsonl there "
-                         "(README, 'Single steps') or point --data_dir at them")
+                         "(format: README, 'Troubleshooting') or point --data_dir at them")
     try:
         data_prep.prepare(cfg.dataset, cfg.data_dir)
     except data_prep.PrepError as e:
