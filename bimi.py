@@ -1988,8 +1988,9 @@ def reproduce(cfg, ecfg, seeds, models=MODELS, ablations=True):
             esims = {e["dir"]: e for e in r["esim"]}.values()
             lines.append(f"{r['row']}: ESIM gave interests to " + ", ".join(
                 f"{e['parsed']} of {e['typical_users']}" for e in esims) + " typical users.")
-    lines.append(f"ESIM: one per EIMF row, on seed {ecfg.esim_seed}'s backbone, shared by every seed (the seed spread "
-                 "leaves out ESIM's variance)." if ecfg.esim_seed else "ESIM: one per EIMF row and seed, on that seed's backbone.")
+    lines.append("ESIM: one per EIMF row and seed, on that seed's backbone." if not ecfg.esim_seed else
+                 f"ESIM: one per EIMF row, on seed {ecfg.esim_seed}'s backbone"
+                 + (", shared by every seed (the seed spread leaves out ESIM's variance)." if seeds > 1 else "."))
     versions = "; ".join(f"bimi.py sha256 {sha} (git {', '.join(gits)})" for sha, gits in meta["code_versions"].items())
     lines.append(f"{meta['machine']}; {meta['date']}; the runs took {meta['runs_s']:.0f} s to train, ESIM included, one "
                  f"after another; {meta['total_s']:.0f} s for this invocation; {versions}.")
