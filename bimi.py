@@ -144,8 +144,8 @@ def parse_overrides(args, *configs):
             raise SystemExit(f"error: {flag!r} is not an option: options come in --key value pairs, "
                              "and a switch (--force) takes no value; see --help")
     for flag, text in zip(args[::2], args[1::2]):
-        key = flag.lstrip("-").replace("-", "_")
-        if not flag.startswith("--") or key not in fields:
+        key = flag[2:].replace("-", "_")
+        if key not in fields:
             raise SystemExit(f"error: unknown option {flag}; valid: " + ", ".join("--" + k for k in fields))
         cfg = fields[key]
         kind = type(getattr(cfg, key))
@@ -2066,9 +2066,9 @@ def main(argv=None):
                 values[flag] = int(text)
             del args[i:i + 2]
     per_row = {"--model": "--models LIST", "--seed": "--seeds N", "--eimf": "--backend (the EIMF rows' backend)"}
-    for flag, instead in per_row.items():
-        if command == "reproduce" and flag in args:  # reproduce sets these for each row of the table
-            raise SystemExit(f"error: reproduce sets {flag} for each row; use {instead}")
+    set_by_reproduce = [flag for flag in per_row if flag in args] if command == "reproduce" else []
+    if set_by_reproduce:  # reproduce sets these for each row of the table
+        raise SystemExit(f"error: reproduce sets {set_by_reproduce[0]} for each row; use {per_row[set_by_reproduce[0]]}")
     cfg, ecfg = parse_overrides(args, Config(), EsimConfig())
     try:
         if command == "info":
