@@ -31,7 +31,7 @@ MIRRORS = [
     "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/",
     "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/",
 ]
-KNOWN_SIZES = {  # users, items, interactions (METHOD.md section 2)
+KNOWN_SIZES = {  # users, items, interactions (README: Protocol)
     "beauty": (22363, 12101, 198502), "sports": (35598, 18357, 296337),
     "toys": (19412, 11924, 167597), "yelp": (30431, 20033, 316354),
 }

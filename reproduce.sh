@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Rebuild every row of the results table (METHOD.md section 6) end to end:
+# Rebuild every row of the results table (README: The table) end to end:
 #   bash reproduce.sh DATASET [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
 # DATASET: demo (synthetic, offline, a few minutes), beauty, sports, toys, yelp.
 # Data, runs, cache and results/ are written under the current folder; finished runs are
 # reused, so an interrupted reproduction resumes where it stopped. Extra --key value pairs
-# are bimi.py options (e.g. --device cuda, --data_dir ../shared/data); every option is checked
+# are bimi.py options (e.g. --device cuda, --data_dir DIR); every option is checked
 # before any download or training.
 set -euo pipefail
+export BIMI_COMMAND="bash reproduce.sh $*"  # the command a table's provenance names
 here=$(cd "$(dirname "$0")" && pwd)
 usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
   --seeds N        seeds 1..N of every row (default 3; demo 2)

@@ -395,8 +395,8 @@ def test_missing_items_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(bimi.DataError) as e:
         bimi.load_dataset(str(tmp_path), "d")
     assert str(e.value) == (f"{tmp_path}/d/items.jsonl not found: run `python data_prep.py d`, which writes "
-                            "sequences.txt and items.jsonl (or pass --data_dir ../shared/data where the "
-                            "benchmark is shared)")
+                            "sequences.txt and items.jsonl (or point --data_dir at a folder that holds the "
+                            "processed datasets)")
 
 
 @pytest.mark.parametrize("edit", ["trailing blank lines", "byte-order marks", "CRLF", "all three"])
@@ -434,14 +434,14 @@ def test_blank_line_in_the_middle_is_named(tmp_path, name, needle):
 # ----------------------------------------------------------------------------- repeat consumption
 
 
-def test_repeats_are_counted_and_warned_in_one_line(tmp_path):
+def test_repeats_are_counted_and_warned_in_one_line(tmp_path, capsys):
     # users 1, 3 and 5 end on an item they already had; user 3's validation item is a repeat too
     write_processed(str(tmp_path / "repeats"), ["1 1 2 3 4 1", "2 2 3 4 5 6", "3 3 4 5 3 4",
                                                 "4 4 5 6 1 2", "5 5 6 1 2 5"], n_items=6)
     data = bimi.load_dataset(str(tmp_path), "repeats")
     assert data.repeating == 3
-    logged = []
-    counts = bimi.repeat_summary(data, bimi.make_split(data, "loo"), log=logged.append)
+    counts = bimi.repeat_summary(data, bimi.make_split(data, "loo"))
+    logged = capsys.readouterr().out.splitlines()
     assert counts == {"repeating_sequences": 3, "valid_in_history": 1, "valid_targets": 5,
                       "test_in_history": 3, "test_targets": 5}
     assert logged == ["WARNING: repeats: 3 of 5 sequences repeat an item; 1 of 5 validation targets (20.0 %) and "
@@ -449,10 +449,10 @@ def test_repeats_are_counted_and_warned_in_one_line(tmp_path):
                       "ranking, so no model can hit them"]
 
 
-def test_no_repeats_no_warning(synthetic_dir):
+def test_no_repeats_no_warning(synthetic_dir, capsys):
     data = bimi.load_dataset(synthetic_dir, "synthetic")
-    logged = []
-    counts = bimi.repeat_summary(data, bimi.make_split(data, "user"), log=logged.append)
+    counts = bimi.repeat_summary(data, bimi.make_split(data, "user"))
+    logged = capsys.readouterr().out.splitlines()
     assert data.repeating == 0 and logged == []
     assert counts["valid_in_history"] == counts["test_in_history"] == 0
 
@@ -512,10 +512,10 @@ def test_real_yelp_repeats_match_a_loop_reference():
         pytest.skip("../shared/data/yelp is absent (a user's clone has no ../shared)")
     data = bimi.load_dataset(SHARED, "yelp")
     assert data.repeating == 7102 == sum(len(set(s.tolist())) < len(s) for s in data.sequences)
-    loo = bimi.repeat_summary(data, bimi.make_split(data, "loo"), log=lambda line: None)
+    loo = bimi.repeat_summary(data, bimi.make_split(data, "loo"))
     assert (loo["test_in_history"], loo["valid_in_history"]) == (2027, 1640)  # 6.7 % and 5.4 % of 30,431
     split = bimi.make_split(data, "user")
-    counts = bimi.repeat_summary(data, split, log=lambda line: None)
+    counts = bimi.repeat_summary(data, split)
     for part in ("valid", "test"):
         evalset = getattr(split, part)
         hits = sum(t in set(seen.tolist()) for seen, targets in zip(evalset.seen, evalset.targets)

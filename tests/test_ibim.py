@@ -336,10 +336,10 @@ def test_unknown_and_mistyped_options_are_errors():
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["reproduce", "--models", "sasrec"], "--models takes backbones from"),
+    (["reproduce", "--models", "sasrec"], "--models expects backbones from"),
     (["reproduce", "--ablations", "2"], "--ablations expects 0 or 1"),
     (["train", "--models", "remi"], "--models is an option of `reproduce`"),
-    (["esim", "--max_failed", "1.5"], "--max_failed is a share"),
+    (["esim", "--max_failed", "1.5"], "--max_failed expects a share"),
     (["reproduce", "--seeds", "\u00b2"], "--seeds expects a positive whole number"),  # '²'.isdigit() is True
     (["train", "--max_failed"], "--max_failed needs a value (e.g. --max_failed 0.2)"),
     (["train", "--lr", "--seed", "2"], "--lr needs a value (e.g. --lr 0.006)"),

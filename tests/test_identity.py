@@ -81,7 +81,8 @@ def test_paths_batch_sizes_and_urls_are_not(base, monkeypatch, tmp_path):
     assert folder(cats, bimi.EsimConfig()) == plain
 
 
-def test_saved_configs_hold_resolved_names_and_the_code_version(synthetic_dir, tmp_path, monkeypatch):
+def test_saved_configs_hold_resolved_names_and_the_code_version(synthetic_dir, tmp_path, monkeypatch,
+                                                                capsys):
     for var in ENV:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("BIMI_EMBED_MODEL", "my-embedder")
@@ -99,6 +100,7 @@ def test_saved_configs_hold_resolved_names_and_the_code_version(synthetic_dir, t
     record = json.load(open(os.path.join(out, "metrics.json")))
     record["code"] = {"bimi_sha256": "0123456789ab", "git": "abc"}
     bimi.write_json(os.path.join(out, "metrics.json"), record)
-    logs = []
-    assert bimi.train(cfg, ecfg, log=logs.append) == out
+    capsys.readouterr()
+    assert bimi.train(cfg, ecfg) == out
+    logs = capsys.readouterr().out.splitlines()
     assert sum("made by other code (abc vs" in m for m in logs) == 1

@@ -400,26 +400,27 @@ def test_configuration_errors_name_the_setting_before_any_request(monkeypatch, e
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(bimi.LLMError) as e:
-        bimi.check_endpoints(bimi.EsimConfig(**options), chat=chat, embed=embed)
+        bimi.endpoints(bimi.EsimConfig(**options), chat=chat, embed=embed)
     assert needle in str(e.value) and "e.g." in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- 7. no non-finite number goes further
 
 
-def test_kmeans_rejects_nan_and_caps_clusters_at_distinct_points():
+def test_kmeans_rejects_nan_and_caps_clusters_at_distinct_points(capsys):
     x = torch.randn(40, 8)
     x[3, 2] = float("nan")
     with pytest.raises(ValueError, match="1 with NaN or inf"):
         bimi.kmeans(x, 4)
     sites = torch.eye(3).repeat(10, 1)  # 30 points, 3 distinct
-    logs = []
-    centroids, assign, inertia = bimi.kmeans(sites, 8, n_init=2, seed=1, log=logs.append)
+    capsys.readouterr()
+    centroids, assign, inertia = bimi.kmeans(sites, 8, n_init=2, seed=1)
+    logs = capsys.readouterr().out.splitlines()
     assert len(centroids) == 3 and len(torch.unique(centroids, dim=0)) == 3 and inertia == 0
     assert logs == ["warning: 3 distinct points for 8 clusters: using 3 clusters"]
 
 
-def test_a_nan_loss_fails_the_run_and_it_is_never_reused(synthetic_dir, tmp_path, monkeypatch):
+def test_a_nan_loss_fails_the_run_and_it_is_never_reused(synthetic_dir, tmp_path, monkeypatch, capsys):
     cfg = bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"), max_epochs=1)
     real_step, calls = bimi.training_step, [0]
 
@@ -433,7 +434,8 @@ def test_a_nan_loss_fails_the_run_and_it_is_never_reused(synthetic_dir, tmp_path
     record = json.load(open(os.path.join(bimi.run_dir(cfg), "metrics.json")))
     assert record["status"] == "failed" and "nan" in record["error"]
     monkeypatch.setattr(bimi, "training_step", real_step)
-    logs = []
-    bimi.train(cfg, log=logs.append)
+    capsys.readouterr()
+    bimi.train(cfg)
+    logs = capsys.readouterr().out.splitlines()
     assert not any("reusing" in m for m in logs)
     assert json.load(open(os.path.join(bimi.run_dir(cfg), "metrics.json")))["status"] == "done"
