@@ -7,6 +7,7 @@ training; then the plumbing: LLM client, run records, tables, command line.
     .venv/bin/python bimi.py train --dataset beauty --model comirec-sa --eimf categories
     .venv/bin/python bimi.py reproduce --dataset beauty --seeds 3
 """
+import base64
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -160,9 +161,11 @@ def read_text_lines(path):
         with open(path, encoding="utf-8-sig") as f:
             text = f.read().rstrip()
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 or regenerate it "
-                        "with data_prep.py") from None
+        raise DataError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 ({REMAKE})") from None
     return text.split("\n") if text else []
+
+REMAKE = "or remake it with data_prep.py if it made the file"
+CATEGORIES = 'a list of category paths, each a list of strings, e.g. [["Beauty", "Nails"]]'
 
 def load_dataset(data_dir, name):
     """Read and check sequences.txt and items.jsonl (README: Your own dataset); DataError names
@@ -175,12 +178,20 @@ def load_dataset(data_dir, name):
             item = json.loads(line)
             item_id, title, cats = item["item_id"], item["title"], item["categories"]
         except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{items}:{n}: " + (f"not an item record ({e}); regenerate it with "
-                            "data_prep.py" if line.strip() else "blank line; remove it (one item "
-                            "per line)")) from None
+            example = '{"item_id": 1, "title": "...", "categories": [["..."]]}'
+            raise DataError(f"{items}:{n}: " + (f"not an item record ({e}): expected {example}"
+                            if line.strip() else "blank line; remove it (one item per line)")) \
+                from None
         if item_id != n:
             raise DataError(f"{items}:{n}: item_id {item_id}, expected {n}: item ids must be "
-                            "contiguous from 1 in file order; regenerate with data_prep.py")
+                            f"contiguous from 1 in file order; fix it ({REMAKE})")
+        if not isinstance(title, str):
+            raise DataError(f"{items}:{n}: title is {json.dumps(title)}, expected a string "
+                            '("" for an untitled item)')
+        if not isinstance(cats, list) or not all(isinstance(p, list) and p and all(
+                isinstance(c, str) for c in p) for p in cats):
+            raise DataError(f"{items}:{n}: categories is {json.dumps(cats)[:80]}, expected "
+                            f"{CATEGORIES} ([] for none)")
         titles.append(title)
         categories.append(cats)
     for n, line in enumerate(read_text_lines(seqs), 1):
@@ -194,13 +205,13 @@ def load_dataset(data_dir, name):
                    "user without items; every user needs a sequence" if len(ids) < 2 else
                    f"user id {ids[0]}, expected {n}: user ids must be contiguous from 1 in file "
                    "order" if ids[0] != n else f"item {bad[0]} is not in {items} (ids "
-                   f"1..{len(titles) - 1}); the two files are from different runs of data_prep.py"
+                   f"1..{len(titles) - 1}): the two files do not belong together"
                    if len(bad) else "")
         if problem:
             raise DataError(f"{seqs}:{n}: {problem}")
         sequences.append(ids[1:])
     if not sequences:
-        raise DataError(f"{seqs} is empty; regenerate it with data_prep.py")
+        raise DataError(f"{seqs} is empty: one line per user, `user_id item_id ...`")
     # users who repeat an item: one sort of (user, item) keys (np.unique per user is 5x slower)
     owner = np.repeat(np.arange(len(sequences)), [len(q) for q in sequences])
     keys = np.sort(owner * len(titles) + np.concatenate(sequences))
@@ -269,7 +280,8 @@ def make_split(data, protocol="loo", max_len=20, split_seed=1230):
         train_users = np.array(sorted(order[:n1]))
         train_seqs = {u: seqs[u - 1] for u in train_users}
         cut = {u: max(1, int(0.8 * len(seqs[u - 1]))) for u in order}  # history: the first 80 %
-        valid, test = (eval_set(users, [seqs[u - 1][:cut[u]] for u in users], [seqs[u - 1][cut[u]:]
+        targets = lambda u: list(dict.fromkeys(seqs[u - 1][cut[u]:].tolist()))  # an item once
+        valid, test = (eval_set(users, [seqs[u - 1][:cut[u]] for u in users], [targets(u)
                        for u in users], max_len) for users in (order[n1:n2], order[n2:]))
         if not all(len(e.users) and (e.targets > 0).any(1).all() for e in (valid, test)):
             raise DataError("the user split needs validation and test users with at least 2 "
@@ -704,9 +716,19 @@ def category_interests(data, train_seq, n_interests):
 def normalize_rows(x):
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
+UNSPACED = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
+
+def words(text):
+    """The words of a text in any script (runs of letters and digits: for ASCII text [a-z0-9]+);
+    a run in a script written without spaces (Thai, Lao, Burmese, Japanese, Chinese) gives its
+    character bigrams instead."""
+    runs = re.findall(r"[^\W_]+", text.lower())
+    return [g for w in runs for g in ([w[i:i + 2] for i in range(max(1, len(w) - 1))]
+                                      if UNSPACED.search(w) else [w])]
+
 def hash_embed(texts, dim):
     """Deterministic hashed TF-IDF bag of words (crc32 buckets with a sign bit), L2-normalised."""
-    docs = [re.findall(r"[a-z0-9]+", t.lower()) for t in texts]
+    docs = [words(t) for t in texts]
     df = {}
     for w in (w for doc in docs for w in set(doc)):
         df[w] = df.get(w, 0) + 1
@@ -844,16 +866,27 @@ def build_esim(cfg, ecfg, backbone_dir, out):
     typical = [{"user": int(users[r]), "cluster": c, "distance": d, "train_items": int(lengths[r])}
                for r, c, d in chosen]
     write_json(os.path.join(out, "typical_users.json"), typical)
+    if len(typical) > 0.2 * len(users):  # the typical users are no longer a few
+        log(f"warning: {len(typical)} typical users are {100 * len(typical) / len(users):.0f} % of "
+            f"the {len(users):,} training users: on data this small, lower --clusters (now "
+            f"{ecfg.clusters}) or --per_cluster, and expect wide intervals")
     # their explicit interests, embedded
     client = LLMClient(ecfg) if ecfg.backend == "llm" or ecfg.embedder == "api" else None
     log(f"ESIM: {ecfg.backend} interests for {len(typical)} typical users")
     results, failures = explicit_interests(data, split, typical, ecfg, client, out)
     kept = [n for n, r in enumerate(results) if r]
     if not kept:
-        raise SystemExit(f"error: no typical user got interests (see {out}/failures.jsonl)")
+        raise SystemExit("error: no typical user got interests " + (
+            "(no item of theirs has categories in items.jsonl, which the categories backend "
+            "needs; use --backend llm)" if ecfg.backend == "categories" else
+            f"(see {out}/failures.jsonl)"))
     texts = [f"{name}: {desc}" for n in kept for name, desc in results[n]]
     owner = np.array([row for row, n in enumerate(kept) for _ in results[n]])  # (T,) kept row
     vectors = client.embed(texts) if ecfg.embedder == "api" else hash_embed(texts, ecfg.hash_dim)
+    empty = [t for t, v in zip(texts, vectors) if not v.any()]
+    if len(empty) > len(texts) / 2:  # k-means would make one prototype, one label for all
+        raise SystemExit(f"error: {len(empty)} of {len(texts)} interest texts embed to nothing "
+                         f"(e.g. {empty[0]!r}): they have no letters or digits; use --embedder api")
     # semantic prototypes and labels; rows of `labels` are user ids
     prototypes, user_labels, user_labelled = semantic_labels(
         vectors, owner, np.array([typical[n]["cluster"] for n in kept]), assign.cpu().numpy(),
@@ -1119,6 +1152,7 @@ def endpoints(ecfg, chat=False, embed=False):
 QUOTA_WORDS = re.compile(r"quota|billing|credit|insufficient_funds|payment", re.I)
 BATCH_WORDS = re.compile(r"batch|too (?:large|many|long)|at most \d+|limit|entity", re.I)
 FORMAT_WORDS = re.compile(r"response_format|json_schema|schema|grammar", re.I)
+PASSING_WORDS = re.compile(r"loading|unavailable|overloaded|try again|temporar", re.I)  # it passes
 RESPONSE_FORMATS = (  # structured output, in the shapes servers accept, tried in this order
     lambda schema: {"type": "json_schema",
                     "json_schema": {"name": "answer", "schema": schema, "strict": True}},
@@ -1200,14 +1234,20 @@ class LLMClient:
                 raise LLMError(f"{where}: no reply within --timeout {timeout:g} s; not re-sent "
                                "(the server may still be working on it): raise --timeout",
                                per_user=True) from None
-            except requests.ConnectionError as e:
-                error = LLMError(f"{where}: cannot connect ({type(e).__name__}); is the server "
-                                 "running?")
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+                cut = not isinstance(e, requests.ConnectionError)  # a new request may cure both
+                error = LLMError(f"{where}: " + ("the reply broke off mid-body" if cut else
+                                 "cannot connect") + f" ({type(e).__name__}); is the server "
+                                 "running?", per_user=cut)
+            except requests.exceptions.ContentDecodingError:
+                raise LLMError(f"{where}: the body is not compressed as its Content-Encoding "
+                               "header says (a proxy garbles it?)") from None
             except requests.RequestException as e:  # invalid URL, too many redirects ...
                 raise LLMError(f"{where}: {self.said(str(e))}") from None
             else:
-                try:
-                    body = r.json()
+                text = r.content.decode("utf-8", "replace")  # JSON is UTF-8 (RFC 8259), whatever
+                try:                                         # charset a header claims
+                    body = json.loads(r.content)
                 except ValueError:
                     body = None
                 status = r.status_code
@@ -1215,22 +1255,24 @@ class LLMClient:
                     return body
                 if status == 200 and not isinstance(body, dict):
                     kind = r.headers.get("Content-Type", "")
-                    sse = "event-stream" in kind or r.text.lstrip().startswith("data:")
+                    sse = "event-stream" in kind or text.lstrip().startswith("data:")
                     raise LLMError(f"{where} answered HTTP 200 with a body that is not a JSON "
                                    f"object ({kind or 'no Content-Type'}): "
-                                   f"{self.said(r.text.strip()[:200])!r}" + (
+                                   f"{self.said(text.strip()[:200])!r}" + (
                                        "; the kit asks for \"stream\": false, so this server "
-                                       "ignores it" if sse else
-                                       "; is the base URL an OpenAI-compatible /v1 endpoint?"))
+                                       "ignores it" if sse else "; it is gzip data without a "
+                                       "Content-Encoding header" if r.content[:2] == b"\x1f\x8b"
+                                       else "; is the base URL an OpenAI-compatible /v1 endpoint?"))
                 if status == 200:  # an error object inside a 200 reply (gateways): by its code
                     error = body["error"]
                     code = str(error.get("code") if isinstance(error, dict) else None)
                     status = int(code) if code.isdigit() else 429 if "rate" in str(error).lower() \
                         else 400
-                retryable, error = self.failure(base, path, status, body, r.text, payload)
+                retryable, error = self.failure(base, path, status, body, text, payload)
                 if not retryable:
                     raise error
-                if str(error) == last and status >= 500:  # the same 5xx twice: deterministic
+                passing = status in (502, 503, 504) or PASSING_WORDS.search(str(error))
+                if str(error) == last and status >= 500 and not passing:  # deterministic
                     raise LLMError(f"{error} (the same answer twice: not retried further)",
                                    error.per_user)
                 last, wait = str(error), retry_after_seconds(r.headers)
@@ -1241,16 +1283,25 @@ class LLMClient:
             self.log(f"  {error}; retrying in {wait:.1f} s")
             time.sleep(wait)
 
+    def cache_path(self, kind, base, payload):
+        key = hashlib.sha256(json.dumps([kind, base, payload], sort_keys=True).encode()).hexdigest()
+        return os.path.join(self.cfg.cache_dir, "llm", key[:2], key + ".json")
+
     def cached(self, kind, base, payload, extract):
         """The answer to `payload`, from the cache or the server. extract(body) -> (value,
         cacheable), or LLMError for a reply with no answer: never cached, so that a fixed server
         is asked again on the next run."""
-        key = hashlib.sha256(json.dumps([kind, base, payload], sort_keys=True).encode()).hexdigest()
-        path = os.path.join(self.cfg.cache_dir, "llm", key[:2], key + ".json")
-        if os.path.exists(path):
-            with open(path) as f, self.lock:
-                self.cache_hits += 1
-                return json.load(f)["reply"]
+        path = self.cache_path(kind, base, payload)
+        if os.path.exists(path):  # an entry a crash or a full disk cut short is a miss
+            try:
+                with open(path) as f:
+                    reply = json.load(f)["reply"]
+                with self.lock:
+                    self.cache_hits += 1
+                return reply
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                self.log(f"warning: unreadable cache entry {path} ({type(e).__name__}): asking "
+                         "again")
         body = self.post(base, "/" + kind, payload)
         served, asked = body.get("model"), payload["model"]
         served = served if isinstance(served, str) else ""
@@ -1260,9 +1311,15 @@ class LLMClient:
             self.log(f"warning: {base}/{kind} asked for model {asked!r} answers as {served!r}; "
                      "the run records the name asked for")
         value, cacheable = extract(body)
-        if cacheable:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_json(path, {"reply": value, "model": served, "kind": kind})
+        try:
+            if cacheable:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_json(path, {"reply": value, "model": served, "kind": kind})
+        except OSError as e:  # the answer is still used; the run goes on
+            if "write" not in self.warned:
+                self.warned.add("write")
+                self.log(f"warning: cannot write the request cache in {self.cfg.cache_dir} ({e}); "
+                         "this run's answers are not kept: free space or set --cache_dir")
         return value
 
     def chat(self, messages, schema=None):
@@ -1296,6 +1353,9 @@ class LLMClient:
                            f"{self.said(json.dumps(body)[:200])}", per_user=True)
         message, finish = choices[0].get("message") or {}, choices[0].get("finish_reason")
         content = message.get("content") if isinstance(message, dict) else None
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if content is None and isinstance(calls, list) and calls:  # a schema as a forced tool
+            content = ((calls[0] or {}).get("function") or {}).get("arguments")
         if isinstance(content, list):  # content as parts: [{"type": "text", "text": ...}, ...]
             content = "".join(p.get("text") for p in content if isinstance(p.get("text"), str)) \
                 if all(isinstance(p, dict) for p in content) else None
@@ -1322,6 +1382,8 @@ class LLMClient:
             try:
                 rows = [d["embedding"] for d in (sorted(data, key=lambda d: d["index"])
                                                  if all("index" in d for d in data) else data)]
+                rows = [np.frombuffer(base64.b64decode(r), "<f4").tolist() if isinstance(r, str)
+                        else r for r in rows]  # base64 though "float" was asked for
                 vectors = np.array(rows, dtype=np.float64)
             except (KeyError, TypeError, ValueError) as e:
                 raise LLMError(f"{where} answered in an unexpected shape ({type(e).__name__}: "
@@ -1334,13 +1396,29 @@ class LLMClient:
                                f"{batch[bad[0]]!r}; not cached")
             return rows, True
 
-        def one(batch):
-            return self.cached("embeddings", self.embed_base, {"model": self.embed_model,
-                               "input": batch}, functools.partial(check, batch))
-        size = self.cfg.embed_batch
+        batches = [texts[i:i + self.cfg.embed_batch] for i in range(0, len(texts),
+                                                                    self.cfg.embed_batch)]
+        payloads = [{"model": self.embed_model, "input": b, "encoding_format": "float"}
+                    for b in batches]
+        was_cached = [os.path.exists(self.cache_path("embeddings", self.embed_base, p))
+                      for p in payloads]
+        ask = lambda b, p: self.cached("embeddings", self.embed_base, p,
+                                       functools.partial(check, b))
         with concurrent.futures.ThreadPoolExecutor(self.cfg.concurrency) as pool:
-            batches = pool.map(one, [texts[i:i + size] for i in range(0, len(texts), size)])
-            return normalize_rows(np.array([v for out in batches for v in out], dtype=np.float32))
+            rows = list(pool.map(ask, batches, payloads))
+        changed = False
+        if any(was_cached) and not all(was_cached):  # answers of two runs meet: one model for both?
+            k = was_cached.index(True)
+            again = np.array(check(batches[k], self.post(self.embed_base, "/embeddings",
+                                                         payloads[k]))[0])
+            changed = again.shape != np.shape(rows[k]) or (normalize_rows(again) * normalize_rows(
+                np.array(rows[k]))).sum(1).min() < 0.999
+        widths = sorted({len(v) for out in rows for v in out})
+        if changed or len(widths) > 1:
+            raise LLMError(f"{where}: the model behind this name changed since answers were "
+                           f"cached (widths {widths}; cached texts embed otherwise now); delete "
+                           f"{self.cfg.cache_dir}/llm or name the model with --embed_model")
+        return normalize_rows(np.array([v for out in rows for v in out], dtype=np.float32))
 
 # -----------------------------------------------------------------------------
 # run records: identity, folders, atomic writes, locks
@@ -1739,10 +1817,15 @@ def parse_value(key, text, default):
         value = kind(text) if kind is str or text.isascii() else None
     except ValueError:
         value = None
-    if value is None or key in CHOICES and value not in CHOICES[key] or kind in (int, float) and (
-            not math.isfinite(value) or sign and value < 0 or sign == " > 0" and value == 0
-            or key == "max_failed" and value > 1) or key == "models" and (
-            not text or any(m not in MODELS for m in text.split(","))):
+    if key in CHOICES:
+        ok = value in CHOICES[key]
+    elif kind in (int, float):
+        ok = value is not None and math.isfinite(value) and (not sign or value > 0 or value == 0
+                                                             and sign == " >= 0")
+        ok = ok and not (key == "max_failed" and value > 1)
+    else:
+        ok = key != "models" or bool(text) and all(m in MODELS for m in text.split(","))
+    if not ok:
         example = "" if key in EXPECTS else f" (e.g. --{key} {default!r})"
         raise SystemExit(f"error: --{key} expects {expects}{example}, got {text!r}")
     return value
@@ -1831,7 +1914,8 @@ def main(argv=None):
         elif command == "_bench_one":
             bench_one(cfg, opts.bench_steps)
         elif command == "reproduce":
-            resolve_esim(ecfg)  # a bad endpoint stops here, not after the backbones have trained
+            resolve_esim(ecfg)  # a bad endpoint or device stops here, before a download or a run
+            resolve_device(cfg.device)
             prepare_data(cfg)
             reproduce(cfg, ecfg, opts, os.environ.get("BIMI_COMMAND") or "python bimi.py "
                       + shlex.join(argv))

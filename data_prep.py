@@ -94,7 +94,9 @@ def download(url_names, dest):
             if os.path.exists(part):
                 os.remove(part)
     raise PrepError(f"could not download {os.path.basename(dest)} ({'; '.join(errors)}); "
-                    "fetch it by hand into a folder and pass --raw-dir FOLDER")
+                    "fetch it by hand into a folder FOLDER, run `.venv/bin/python data_prep.py "
+                    "DATASET --raw-dir FOLDER` (with --out DIR for another data folder) and then "
+                    "the reproduction again")
 
 
 def not_gzip(response, head):
@@ -137,8 +139,12 @@ def read_lines(path, parse):
 
 
 def parse_meta_line(line):
-    """2014 meta lines are Python dict literals (single quotes), not JSON: never eval them."""
-    record = ast.literal_eval(line)
+    """2014 meta lines are Python dict literals (single quotes), not JSON: never eval them. A JSON
+    line (null, true: a later release) is read too, so that its release can be named."""
+    try:
+        record = ast.literal_eval(line)
+    except (ValueError, SyntaxError):
+        record = json.loads(line)
     if not isinstance(record, dict):
         raise ValueError("not a dict literal")
     return record
@@ -156,14 +162,26 @@ def read_amazon_reviews(path):
     return rows
 
 
+def clean_text(text):
+    """HTML entities decoded; UTF-16 surrogate pairs (Python 2's narrow builds wrote emoji so)
+    joined into one character, a lone half replaced by U+FFFD, so that the text is valid UTF-8."""
+    return html.unescape(text).encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def read_amazon_meta(path, wanted):
-    """asin -> (title, category paths) for the asins in `wanted`; HTML entities decoded."""
+    """asin -> (title, category paths) for the asins in `wanted` (clean_text)."""
     meta = {}
-    for _, m in read_lines(path, parse_meta_line):
+    for line_no, m in read_lines(path, parse_meta_line):
+        paths = m.get("categories", [])
+        if {"category", "main_cat", "main_category"} & set(m) or not isinstance(paths, list) or \
+                any(not isinstance(p, list) for p in paths):
+            raise PrepError(f"{path}:{line_no}: a record of a later release of the Amazon dumps "
+                            f"(fields {', '.join(sorted(m))[:120]}): the benchmark is the 2014 "
+                            "release, whose categories are lists of paths; get its meta_*.json.gz")
         asin = m.get("asin")
         if asin in wanted:
-            cats = [[html.unescape(c) for c in p] for p in m.get("categories", []) if p]
-            meta[asin] = (html.unescape(m.get("title", "") or "").strip(), cats)
+            cats = [[clean_text(c) for c in p] for p in m.get("categories", []) if p]
+            meta[asin] = (clean_text(m.get("title", "") or "").strip(), cats)
     return meta
 
 
@@ -278,14 +296,18 @@ def write_dataset(out_dir, sequences, items):
         "items.jsonl": "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items),
     }
     temps = {}
-    for name, text in texts.items():
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data is shared like any file written by open()
-        temps[name] = tmp
-    for name, tmp in temps.items():
-        os.replace(tmp, os.path.join(out_dir, name))
+    try:
+        for name, text in texts.items():
+            fd, temps[name] = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(temps[name], 0o644)  # mkstemp makes 0600; data is shared like any file
+        for name, tmp in temps.items():
+            os.replace(tmp, os.path.join(out_dir, name))
+    finally:  # a failure (a full disk, an interrupt) leaves no temporary file behind
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def summary(name, sequences, items):
@@ -408,7 +430,7 @@ def prepare(name, out, raw_dir=None, seed=0, synthetic=None):
             raise PrepError(f"{', '.join(missing)} missing: Yelp cannot be downloaded automatically (its "
                             "licence needs a click-through); get the JSON version of the Yelp Open Dataset at "
                             f"https://www.yelp.com/dataset, extract {' and '.join(YELP_FILES)} into a folder "
-                            "and run `python data_prep.py yelp --raw-dir FOLDER`")
+                            "and run `.venv/bin/python data_prep.py yelp --raw-dir FOLDER`")
         rows, meta = read_yelp(raw_dir)
         sequences, items = build(rows, meta, os.path.join(raw_dir, YELP_FILES[0]), dedupe=False)
     else:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild every row of the results table (README: The table) end to end:
 #   bash reproduce.sh DATASET [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
-# DATASET: demo (synthetic, offline, a few minutes), beauty, sports, toys, yelp.
+# DATASET: demo (synthetic, offline, a few minutes), beauty, sports, toys, yelp (downloaded or
+# made by data_prep.py), or the name of your own dataset under --data_dir (README: Your own dataset).
 # Data, runs, cache and results/ are written under the current folder; finished runs are
 # reused, so an interrupted reproduction resumes where it stopped. Extra --key value pairs
 # are bimi.py options (e.g. --device cuda, --data_dir DIR); every option is checked
@@ -9,15 +10,16 @@
 set -euo pipefail
 export BIMI_COMMAND="bash reproduce.sh $*"  # the command a table's provenance names
 here=$(cd "$(dirname "$0")" && pwd)
-usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
+usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp|NAME [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
+  NAME             your own dataset, DIR/NAME/{sequences.txt,items.jsonl} with --data_dir DIR
   --seeds N        seeds 1..N of every row (default 3; demo 2)
   --models LIST    backbones, comma-separated (default mind,comirec-dr,comirec-sa,remi)
   --ablations 0    leave out the ComiRec-SA ablation rows
-  other options: python bimi.py reproduce --help"
+  other options: .venv/bin/python bimi.py reproduce --help"
 case "${1:-}" in
-  demo | beauty | sports | toys | yelp) dataset=$1; shift ;;
   "" | -h | --help | help) echo "$usage"; [ -n "${1:-}" ]; exit ;;
-  *) echo "error: unknown dataset '$1'" >&2; echo "$usage" >&2; exit 2 ;;
+  -*) echo "error: the dataset comes first, then options, got '$1'" >&2; echo "$usage" >&2; exit 2 ;;
+  *) dataset=$1; shift ;;
 esac
 [ "$dataset" = demo ] && name=synthetic || name=$dataset
 

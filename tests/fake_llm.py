@@ -115,7 +115,8 @@ class FakeLLM:
 class ScriptedServer:
     """A real HTTP server on 127.0.0.1 whose every reply is chosen by a function of the request:
     reply(kind, body, n) -> (status, payload, headers); payload is a dict (sent as JSON), bytes or
-    str (sent as they are; a header may set the Content-Type). n counts requests from 1.
+    str (sent as they are; a header may set the Content-Type, and X-Promise-Length a Content-Length
+    larger than the body, which is then cut off). n counts requests from 1.
     `log` holds (kind, body, headers) of every request."""
 
     def __init__(self, reply):
@@ -132,13 +133,15 @@ class ScriptedServer:
         data = payload.encode() if isinstance(payload, str) else \
             payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         headers = dict(headers or {})
+        promised = int(headers.pop("X-Promise-Length", len(data)))  # more than sent: a cut body
         handler.send_response(status)
         handler.send_header("Content-Type", headers.pop("Content-Type", "application/json"))
-        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("Content-Length", str(promised))
         for k, v in headers.items():
             handler.send_header(k, v)
         handler.end_headers()
         handler.wfile.write(data)
+        handler.close_connection = promised != len(data)
 
     def close(self):
         self.httpd.shutdown()

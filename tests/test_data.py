@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -49,6 +50,49 @@ def amazon_fixture(raw):
              meta("I4", "Mascara", [["Beauty", "Makeup", "Eyes"], ["Beauty", "Gifts"]]), meta("I5", "Cream"),
              meta("X", "x"), meta("Y", "y"), meta("UNUSED", "never reviewed")]
     write_gz(os.path.join(raw, "meta_Beauty.json.gz"), metas)
+
+
+@pytest.mark.parametrize("title, written", [
+    ("Gel polish \ud83d\udc85 pink", "Gel polish \U0001f485 pink"),  # a pair from a narrow build
+    ("Gel polish \U0001f485 pink", "Gel polish \U0001f485 pink"),
+    ("Gel polish \ud83d", "Gel polish \ufffd"),  # half a pair, cut at 100 characters
+])
+def test_surrogate_escapes_in_meta_become_valid_utf8(tmp_path, title, written):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    os.makedirs(raw)
+    amazon_fixture(raw)
+    with gzip.open(os.path.join(raw, "meta_Beauty.json.gz"), "at", encoding="utf-8",
+                   errors="surrogatepass") as f:
+        f.write(meta("I2", title) + "\n")  # a later line for I2 wins
+    data_prep.prepare("beauty", out, raw)
+    assert bimi.load_dataset(out, "beauty").titles[4] == written
+    assert sorted(os.listdir(os.path.join(out, "beauty"))) == ["items.jsonl", "sequences.txt"]
+
+
+@pytest.mark.parametrize("record", [  # the 2018 and 2023 releases, given under the 2014 names
+    {"asin": "I1", "title": "<span>Nail Polish</span>", "category": ["Beauty", "Nails"],
+     "main_cat": "All Beauty", "rank": None, "also_buy": []},
+    {"parent_asin": "I1", "asin": "I1", "title": "Nail Polish", "main_category": "All Beauty",
+     "categories": ["Beauty", "Nails"], "details": {}},
+])
+def test_a_later_release_of_the_amazon_meta_is_named_not_called_damaged(tmp_path, record):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    os.makedirs(raw)
+    amazon_fixture(raw)
+    write_gz(os.path.join(raw, "meta_Beauty.json.gz"), [json.dumps(record)])
+    with pytest.raises(data_prep.PrepError, match="meta_Beauty.json.gz:1: a record of a later "
+                                                  "release") as e:
+        data_prep.prepare("beauty", out, raw)
+    assert "damaged" not in str(e.value) and not os.path.exists(os.path.join(out, "beauty"))
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data_prep.os, "replace", full_disk)
+    with pytest.raises(OSError):
+        data_prep.write_dataset(str(tmp_path), [[1, 2, 3]], [{"item_id": 1}])
+    assert os.listdir(tmp_path) == []
 
 
 def read_out(out):
@@ -304,7 +348,9 @@ def test_download_refuses_an_html_page_and_keeps_nothing(tmp_path, mirror):
         data_prep.download([f"{mirror}/moved"], str(dest))
     assert str(e.value) == (f"could not download reviews_Beauty_5.json.gz ({mirror}/moved: answered with text/html "
                             "starting b'<!DOCTYPE html><', not gzip data (the link has moved or a web page "
-                            "answered)); fetch it by hand into a folder and pass --raw-dir FOLDER")
+                            "answered)); fetch it by hand into a folder FOLDER, run `.venv/bin/python "
+                            "data_prep.py DATASET --raw-dir FOLDER` (with --out DIR for another data "
+                            "folder) and then the reproduction again")
     assert os.listdir(tmp_path / "raw") == []  # neither the final name nor a .part
     # the next mirror that serves gzip data wins
     assert data_prep.download([f"{mirror}/moved", f"{mirror}/file.gz"], str(dest)) == str(dest)
@@ -373,6 +419,23 @@ def write_processed(folder, seq_lines, n_items=3):
 def test_load_rejects_bad_files_with_file_and_line(tmp_path, lines, needle):
     write_processed(str(tmp_path / "d"), lines)
     with pytest.raises(bimi.DataError, match=needle):
+        bimi.load_dataset(str(tmp_path), "d")
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"title": None}, "items.jsonl:2: title is null, expected a string"),
+    ({"categories": None}, "items.jsonl:2: categories is null, expected a list of category paths"),
+    ({"categories": "Beauty"}, 'categories is "Beauty", expected a list of category paths'),
+    ({"categories": ["Beauty", "Nails"]}, "categories is [\"Beauty\", \"Nails\"], expected"),
+    ({"categories": [["Beauty", 7]]}, "each a list of strings"),
+    ({"categories": [[]]}, "categories is [[]], expected"),
+])
+def test_load_checks_every_fields_type_with_file_and_line(tmp_path, fields, needle):
+    write_processed(str(tmp_path / "d"), ["1 1 2 3"])
+    lines = open(tmp_path / "d" / "items.jsonl").read().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), **fields})
+    (tmp_path / "d" / "items.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(bimi.DataError, match=re.escape(needle)):
         bimi.load_dataset(str(tmp_path), "d")
 
 
@@ -455,6 +518,27 @@ def test_no_repeats_no_warning(synthetic_dir, capsys):
     logged = capsys.readouterr().out.splitlines()
     assert data.repeating == 0 and logged == []
     assert counts["valid_in_history"] == counts["test_in_history"] == 0
+
+
+def test_user_protocol_counts_a_repeated_held_out_item_once(tmp_path):
+    from test_ibim import reference_metrics
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(1, 41):  # ten items, the last two the same: Yelp's repeat visits
+        items = rng.choice(np.arange(1, 13), 9, replace=False).tolist()
+        lines.append(" ".join(map(str, [u] + items + items[-1:])))
+    write_processed(str(tmp_path / "rep"), lines, n_items=12)
+    data = bimi.load_dataset(str(tmp_path), "rep")
+    split = bimi.make_split(data, "user")
+    ours = bimi.popularity_metrics(split, data.n_items, cutoffs=(5,))
+    counts = np.bincount(np.concatenate(list(split.train_seqs.values())), minlength=13).astype(float)
+    raw = [data.sequences[u - 1] for u in split.test.users]  # the oracle reads the raw sequences
+    targets = [sorted(set(s[max(1, int(0.8 * len(s))):].tolist())) for s in raw]
+    seen = [s[:max(1, int(0.8 * len(s)))].tolist() for s in raw]
+    reference = reference_metrics(np.broadcast_to(counts, (len(raw), 13)), seen, targets, 5)
+    for k, v in reference.items():
+        assert ours[k] == pytest.approx(v.mean(), abs=1e-6), k
+    assert ours["ndcg@5"] <= 1
 
 
 # ----------------------------------------------------------------------------- splits against a slow reference

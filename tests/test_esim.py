@@ -246,6 +246,41 @@ def test_esim_categories_hash_outputs(synthetic_dir, tmp_path):
     assert bimi.run_esim(cfg, ecfg) == out  # reused
 
 
+LANGUAGES = {  # 8 interests each, as an LLM asked in that language would name them
+    "en": ["Nail polish: gel colours", "Skin care: serums", "Perfume: floral scents", "Hair: sprays",
+           "Lipstick: matte shades", "Shaving: razors", "Sun care: sunscreen", "Bath: bath bombs"],
+    "fr": ["Vernis à ongles: aime les vernis colorés", "Soins: sérums", "Parfum: notes florales",
+           "Coiffure: laques", "Rouge à lèvres: teintes mates", "Rasage: rasoirs",
+           "Solaire: crèmes", "Bain: bombes de bain"],
+    "zh": ["指甲油：喜欢彩色凝胶", "护肤：精华液", "香水：花香", "美发：发胶", "口红：哑光色号",
+           "剃须：剃须刀", "防晒：防晒霜", "沐浴：沐浴球"],
+    "ja": ["ネイル：カラージェル", "スキンケア：美容液", "香水：フローラル", "ヘア：スプレー",
+           "口紅：マット", "シェービング：カミソリ", "日焼け止め：クリーム", "バス：バスボム"],
+}
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_hash_embedding_reads_every_script(lang, capsys):
+    texts = [LANGUAGES[lang][(u + k) % 8] for u in range(8) for k in range(4)]  # 8 users x 4
+    vectors = bimi.hash_embed(texts, 256)
+    assert (np.abs(vectors).sum(1) > 0).all()
+    prototypes, labels, _ = bimi.semantic_labels(vectors, np.repeat(np.arange(8), 4), np.arange(8),
+                                                 np.arange(8), 8, 8, 1, 2)
+    assert len(prototypes) == 8 and len(np.unique(labels, axis=0)) == 8
+    assert "colorés" in bimi.words(LANGUAGES["fr"][0]) and bimi.words("Men's 2in1") == ["men", "s", "2in1"]
+
+
+def test_an_esim_whose_texts_embed_to_nothing_is_refused(synthetic_dir, tmp_path):
+    data = tmp_path / "data" / "synthetic"
+    shutil.copytree(os.path.join(synthetic_dir, "synthetic"), data)
+    items = [json.loads(line) for line in open(data / "items.jsonl")]
+    with open(data / "items.jsonl", "w") as f:
+        f.writelines(json.dumps({**it, "categories": [["★★"]]}) + "\n" for it in items)
+    cfg, ecfg = esim_configs(str(tmp_path / "data"), tmp_path)
+    with pytest.raises(SystemExit, match="embed to nothing"):
+        bimi.run_esim(dataclasses.replace(cfg, max_epochs=1), ecfg)
+
+
 def test_esim_llm_request_counts_cache_and_no_leakage(synthetic_dir, tmp_path, server4, monkeypatch, capsys):
     server = server4
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-456")

@@ -333,6 +333,9 @@ def test_unknown_and_mistyped_options_are_errors():
         bimi.parse_overrides(["--lr", "fast"], bimi.Config())
     cfg, ecfg = bimi.parse_overrides(["--lr", "0.01", "--clusters", "7"], bimi.Config(), bimi.EsimConfig())
     assert cfg.lr == 0.01 and ecfg.clusters == 7
+    cfg, opts = bimi.parse_overrides(["--max_epochs=3", "--ablations", "0", "--force", "--seed=-1"],
+                                     bimi.Config(), bimi.CommandOptions())
+    assert (cfg.max_epochs, opts.ablations, opts.force, cfg.seed) == (3, 0, True, -1)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -362,6 +365,11 @@ def test_reproduce_sh_checks_options_before_preparing_data(tmp_path):
                          text=True, timeout=120)
     assert bad.returncode != 0 and "--seeds expects a positive whole number" in bad.stderr
     assert os.listdir(tmp_path) == []  # nothing downloaded, no folder made
+    if not torch.cuda.is_available():
+        gpu = subprocess.run(["bash", script, "beauty", "--device", "cuda"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert gpu.returncode != 0 and "--device cuda, but this torch has no usable CUDA" in gpu.stderr
+        assert os.listdir(tmp_path) == []
     usage = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 0 and "--models" in usage.stdout and "--ablations" in usage.stdout
     bare = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)

@@ -382,6 +382,110 @@ def test_structured_output_falls_back_through_the_shapes_and_is_remembered(serve
     assert [("response_format" in b) for _, b, _ in s.log] == [True, True, False]
 
 
+# ----------------------------------------------------------------------------- 8. outages pass, replies decode
+LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+NGINX_503 = "<html><title>503 Service Temporarily Unavailable</title><center>nginx</center></html>"
+
+
+@pytest.mark.parametrize("status, payload", [(503, LOADING), (503, NGINX_503), (502, "Bad Gateway"),
+                                             (500, {"error": {"message": "model is loading"}})])
+def test_an_outage_that_passes_is_ridden_out_with_backoff(serve, tmp_path, waits, status, payload):
+    # the same answer four times, then the model is loaded: no "same 5xx twice" stop
+    s = serve(lambda kind, b, n: (status, payload, None) if n <= 4 else (200, chat_reply(good_answer()), None))
+    assert make_client(s.url, tmp_path).chat(HI) == good_answer()
+    assert len(s.log) == 5 and len(waits) == 4 and waits[3] > waits[0]
+
+
+def test_a_reply_cut_mid_body_is_retried_then_fails_that_user_only(serve, tmp_path, waits):
+    whole = json.dumps(chat_reply(good_answer()))
+    cut = lambda kind, b, n: (200, whole[:60], {"X-Promise-Length": str(len(whole))})
+    s = serve(lambda kind, b, n: cut(kind, b, n) if n == 1 else (200, whole, None))
+    assert make_client(s.url, tmp_path).chat(HI) == good_answer() and len(s.log) == 2
+    always = serve(cut)
+    with pytest.raises(bimi.LLMError, match="broke off mid-body") as e:
+        make_client(always.url, tmp_path / "other", max_retries=2).chat(HI)
+    assert e.value.per_user and len(always.log) == 3
+
+
+def test_json_is_read_as_utf8_whatever_charset_the_header_claims(serve, tmp_path, waits):
+    names = ("Crème brûlée", "Rouge à lèvres", "口紅", "Fragrance")
+    answer = json.dumps({"interests": [{"name": n, "description": n} for n in names]}, ensure_ascii=False)
+    s = serve(lambda kind, b, n: (200, json.dumps(chat_reply(answer), ensure_ascii=False).encode(),
+                                  {"Content-Type": "application/json; charset=iso-8859-1"}))
+    client = make_client(s.url, tmp_path)
+    assert client.chat(HI) == answer
+    assert make_client(s.url, tmp_path).chat(HI) == answer and len(s.log) == 1  # cached as meant
+
+
+def test_base64_embeddings_and_tool_call_answers_are_read(serve, tmp_path, waits):
+    def reply(kind, b, n):
+        if kind == "embeddings":
+            vectors = [np.arange(1, 5, dtype="<f4") * (i + 1) for i in range(len(b["input"]))]
+            return 200, {"data": [{"index": i, "embedding": __import__("base64").b64encode(
+                v.tobytes()).decode()} for i, v in enumerate(vectors)]}, None
+        call = {"type": "function", "function": {"name": "answer", "arguments": good_answer()}}
+        return 200, {"choices": [{"message": {"role": "assistant", "content": None,
+                                              "tool_calls": [call]}, "finish_reason": "tool_calls"}]}, None
+    s = serve(reply)
+    client = make_client(s.url, tmp_path)
+    vectors = client.embed(["a", "b"])
+    assert np.allclose(vectors, np.arange(1, 5) / np.linalg.norm(np.arange(1, 5)), atol=1e-6)
+    assert s.log[0][1]["encoding_format"] == "float"
+    assert client.chat(HI) == good_answer()
+
+
+def test_compression_that_does_not_match_its_header_is_named(serve, tmp_path, waits):
+    body = json.dumps(chat_reply(good_answer())).encode()
+    s = serve(lambda kind, b, n: (200, __import__("gzip").compress(body), None))
+    with pytest.raises(bimi.LLMError, match="gzip data without a Content-Encoding header"):
+        make_client(s.url, tmp_path).chat(HI)
+    s = serve(lambda kind, b, n: (200, body, {"Content-Encoding": "gzip"}))
+    with pytest.raises(bimi.LLMError, match="not compressed as its Content-Encoding header says"):
+        make_client(s.url, tmp_path).chat(HI)
+
+
+# ----------------------------------------------------------------------------- 9. the cache is never the problem
+
+
+def test_a_truncated_cache_entry_is_a_miss_and_is_written_again(serve, tmp_path, waits):
+    s = serve(lambda kind, b, n: (200, chat_reply(good_answer()), None))
+    logs = []
+    make_client(s.url, tmp_path).chat(HI)
+    (entry,) = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "cache") for f in fs]
+    open(entry, "w").close()  # a crash or a full disk left it empty
+    assert make_client(s.url, tmp_path, logs).chat(HI) == good_answer() and len(s.log) == 2
+    assert any(entry in m and "asking again" in m for m in logs)
+    assert json.load(open(entry))["reply"]["text"] == good_answer()
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_the_answers_are_used(serve, tmp_path, waits):
+    s = serve(lambda kind, b, n: (200, chat_reply(good_answer()), None))
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    logs = []
+    client = make_client(s.url, tmp_path, logs)
+    assert client.chat(HI) == good_answer() and client.chat(HI + HI) == good_answer()
+    assert sum("cannot write the request cache" in m for m in logs) == 1
+
+
+def test_an_embedding_model_that_changed_width_under_its_name_is_one_clear_error(serve, tmp_path, waits):
+    width = [8]
+    s = serve(lambda kind, b, n: (200, {"data": [{"index": i, "embedding": [1.0] * width[0]}
+                                                 for i in range(len(b["input"]))]}, None))
+    make_client(s.url, tmp_path, embed_batch=2).embed(["a", "b"])
+    width[0] = 16  # the server now serves another model under the same name
+    with pytest.raises(bimi.LLMError, match=r"changed since answers were cached \(widths \[8, 16\]"):
+        make_client(s.url, tmp_path, embed_batch=2).embed(["a", "b", "c"])
+    (tmp_path / "cache").rename(tmp_path / "old")
+    make_client(s.url, tmp_path, embed_batch=2).embed(["a", "b"])  # a model of the same width next:
+    salt = [0.0]
+    s.reply = lambda kind, b, n: (200, {"data": [{"index": i, "embedding": [1.0 + salt[0], 1.0] * 8}
+                                                 for i in range(len(b["input"]))]}, None)
+    salt[0] = 0.5
+    with pytest.raises(bimi.LLMError, match="cached texts embed otherwise now"):
+        make_client(s.url, tmp_path, embed_batch=2).embed(["a", "b", "c"])
+    assert make_client(s.url, tmp_path, embed_batch=2).embed(["c"]).shape == (1, 16)  # not mixed
+
+
 # ----------------------------------------------------------------------------- 6. configuration errors
 
 
