@@ -11,6 +11,7 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import email.utils
 import fcntl
 import functools
@@ -149,9 +150,12 @@ def find_data(data_dir, name):
     folder = os.path.join(data_dir, name)
     for file in ("sequences.txt", "items.jsonl"):
         if not os.path.exists(os.path.join(folder, file)):
-            raise DataError(f"{folder}/{file} not found: run `python data_prep.py {name}`, which "
-                            "writes sequences.txt and items.jsonl (or point --data_dir at a folder "
-                            "that holds the processed datasets)")
+            import data_prep  # which datasets it can make
+            raise DataError(f"{folder}/{file} not found: " + (
+                f"run `.venv/bin/python data_prep.py {name}`, which writes sequences.txt and "
+                "items.jsonl" if name in data_prep.DATASETS else "write sequences.txt and "
+                "items.jsonl there (README: Your own dataset)") + " (or point --data_dir at a "
+                "folder that holds the processed datasets)")
     return folder
 
 def read_text_lines(path):
@@ -182,9 +186,9 @@ def load_dataset(data_dir, name):
             raise DataError(f"{items}:{n}: " + (f"not an item record ({e}): expected {example}"
                             if line.strip() else "blank line; remove it (one item per line)")) \
                 from None
-        if item_id != n:
-            raise DataError(f"{items}:{n}: item_id {item_id}, expected {n}: item ids must be "
-                            f"contiguous from 1 in file order; fix it ({REMAKE})")
+        if type(item_id) is not int or item_id != n:
+            raise DataError(f"{items}:{n}: item_id {json.dumps(item_id)}, expected {n}: item ids "
+                            f"must be contiguous from 1 in file order; fix it ({REMAKE})")
         if not isinstance(title, str):
             raise DataError(f"{items}:{n}: title is {json.dumps(title)}, expected a string "
                             '("" for an untitled item)')
@@ -198,8 +202,9 @@ def load_dataset(data_dir, name):
         try:
             ids = np.array(line.split(), dtype=np.int64)
         except ValueError:
-            raise DataError(f"{seqs}:{n}: non-integer token; expected `user_id item_id item_id "
-                            "...`") from None
+            token = next(t for t in line.split() if not re.fullmatch(r"[0-9]+", t))
+            raise DataError(f"{seqs}:{n}: non-integer token {token!r}; expected `user_id "
+                            "item_id item_id ...`") from None
         bad = ids[1:][(ids[1:] < 1) | (ids[1:] >= len(titles))]
         problem = ("blank line; remove it (one user per line)" if not len(ids) else
                    "user without items; every user needs a sequence" if len(ids) < 2 else
@@ -985,7 +990,8 @@ def fit(cfg, out, ecfg=None, esim_dir=None):
     sampler = torch.Generator().manual_seed(cfg.seed + 1)  # negatives and typical-user batches
     arrays = [torch.from_numpy(a) for a in (split.train_hist, split.train_target, split.train_user)]
     record = {"status": "running", "epochs": [], "best_epoch": 0, "valid": None, "test": None,
-              "code": code_version()}
+              "code": code_version(), "made": {"date": time.strftime("%F"), "threads":
+                                               torch.get_num_threads(), "load": os.getloadavg()[0]}}
     best, best_state, bad_epochs = -1.0, None, 0
     log(f"training {cfg.model}{' + EIMF (' + cfg.eimf + ')' if cfg.eimf else ''} on {device}: "
         f"{sum(p.numel() for p in model.parameters()):,} parameters -> {out}")
@@ -1640,7 +1646,7 @@ def reproduce(cfg, ecfg, opts, command_line):
     with its paired bootstrap interval, and the provenance."""
     t0, load0, seeds = time.time(), os.getloadavg()[0], opts.seeds
     models = [m for m in MODELS if m in opts.models.split(",")]
-    rows, versions, esim_s = table_rows(ecfg.backend, models, opts.ablations), {}, {}
+    rows, versions, esim_s, made = table_rows(ecfg.backend, models, opts.ablations), {}, {}, []
     runs = {label: [] for label, *_ in rows}
     for seed in range(1, seeds + 1):  # seed-major: a whole first table appears early
         for label, model, eimf, overrides, esim_overrides, _ in rows:
@@ -1651,6 +1657,7 @@ def reproduce(cfg, ecfg, opts, command_line):
     results = []
     for label, model, eimf, _, esim_overrides, _ in rows:
         records = [read_json(run, "metrics.json") for run in runs[label]]
+        made += [rec["made"] for rec in records if "made" in rec]  # where each run was trained
         for code in (rec.get("code") or {} for rec in records):  # one code version = one bimi.py
             versions.setdefault(code.get("bimi_sha256", "unrecorded"), set()).add(
                 code.get("git") or "no git")
@@ -1724,11 +1731,16 @@ def reproduce(cfg, ecfg, opts, command_line):
                      if seeds > 1 else "."))
     made_by = "; ".join(f"bimi.py sha256 {sha} (git {', '.join(gits)})"
                         for sha, gits in meta["code_versions"].items())
+    trained = (f"{len(made)} of its {sum(len(r['runs']) for r in results)} runs trained "
+               f"{min(m['date'] for m in made)} to {max(m['date'] for m in made)} with "
+               f"{'/'.join(str(t) for t in sorted({m['threads'] for m in made}))} torch threads at "
+               f"load {min(m['load'] for m in made):.1f}-{max(m['load'] for m in made):.1f}"
+               if made else "the runs' threads and load were not recorded (older code)")
     lines.append(f"Made by `{command_line}` on {meta['date']}: {meta['machine']}, "
                  f"{meta['threads']} torch threads, load average {load0:.1f} at the start and "
                  f"{meta['load_average'][1]:.1f} at the end; {meta['total_s']:.0f} s for this "
-                 f"invocation; the runs took {meta['runs_s']:.0f} s to train, ESIM included, one "
-                 f"after another; {made_by}.")
+                 f"invocation; {trained}; the runs took {meta['runs_s']:.0f} s to train, ESIM "
+                 f"included, one after another; {made_by}.")
     with open(f"results/{name}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -1772,8 +1784,10 @@ def bench(cfg, ecfg, opts, args):
     """bench_one per encoder, each in a fresh process (its own peak memory; the last of a repeated
     option wins), then k-means on the dataset's user count."""
     for model in MODELS:
-        subprocess.run([sys.executable, os.path.abspath(__file__), "_bench_one", *args, "--model",
-                        model, "--bench_steps", str(opts.bench_steps)], check=True)
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), "_bench_one", *args,
+                                "--model", model, "--bench_steps", str(opts.bench_steps)])
+        if child.returncode:  # it said why in its error line
+            raise SystemExit(child.returncode)
     n_users = len(load_dataset(cfg.data_dir, cfg.dataset).sequences)
     x = torch.randn(n_users, cfg.dim, generator=torch.Generator().manual_seed(0))
     x = F.normalize(x, dim=1)
@@ -1842,8 +1856,9 @@ def parse_overrides(args, *configs, command=None):
             raise SystemExit(f"error: {args[i]!r} is not an option: options come as --key value or "
                              "--key=value, and a switch (--force) takes no value; see --help")
         if key not in fields:
-            raise SystemExit(f"error: unknown option {name}; valid: "
-                             + ", ".join(f"--{k}" for k in fields))
+            close = difflib.get_close_matches(key, fields, 1)
+            raise SystemExit(f"error: unknown option {name}" + (f" (did you mean --{close[0]}?)"
+                             if close else "; valid: " + ", ".join(f"--{k}" for k in fields)))
         if command and command not in OPTION_OF.get(key, (command,)):
             raise SystemExit(f"error: --{key} is an option of `{' / '.join(OPTION_OF[key])}`, not "
                              f"of `{command}`")
@@ -1870,7 +1885,7 @@ def options_help(cls, command=None):
 COMMANDS = {  # command -> what it does (the last is internal: one encoder's bench)
     "info": "load the dataset, build the split and print a summary",
     "train": "train one run (backbone, or EIMF with --eimf categories|llm)",
-    "esim": "run ESIM for a trained backbone (--model, --backend, --embedder ...)",
+    "esim": "run ESIM on a backbone, training it first if needed (--model, --backend ...)",
     "bench": "per encoder: seconds per training step (--bench_steps N: the first N steps),\n"
              "             test users ranked per second, peak memory; and k-means",
     "reproduce": "every row of the results table over --seeds N (default 3)", "_bench_one": None}
@@ -1878,6 +1893,19 @@ USAGE = ("usage: python bimi.py COMMAND [--key value ...]   (COMMAND --help list
          "\n\ncommands:\n" + "".join(f"  {c:<10} {text}\n" for c, text in COMMANDS.items() if text)
          + "\nEvery field of Config and EsimConfig is an option, as --key value or --key=value,"
          " e.g.\n  .venv/bin/python bimi.py train --dataset beauty --seed 1 --lr=0.003\n")
+
+def answering(ecfg):
+    """SystemExit before any training when an endpoint the run will ask does not answer at all
+    (a wrong port: found now, not after the backbones have trained)."""
+    ecfg = resolve_esim(ecfg)
+    for url in {ecfg.base_url if ecfg.backend == "llm" else "", ecfg.embed_base_url} - {""}:
+        try:
+            requests.get(url + "/models", timeout=10)
+        except requests.ConnectionError as e:
+            raise SystemExit(f"error: nothing answers at {url} ({type(e).__name__}): start the "
+                             "server, or fix the URL (OPENAI_BASE_URL, --base_url)") from None
+        except requests.RequestException:
+            pass  # it answers, if slowly or oddly: requests will say more
 
 def main(argv=None):
     """`python bimi.py COMMAND [--key value ...]`: anything a user can type or bring ends in one
@@ -1900,6 +1928,9 @@ def main(argv=None):
         if command == "reproduce" and any(a.partition("=")[0] == f"--{key}" for a in args):
             raise SystemExit(f"error: reproduce sets --{key} for each row; use {SET_PER_ROW[key]}")
     try:
+        if command in ("esim", "reproduce") or command == "train" and cfg.eimf:
+            backend = cfg.eimf if command == "train" else ecfg.backend
+            answering(dataclasses.replace(ecfg, backend=backend))
         if command == "info":
             data = load_dataset(cfg.data_dir, cfg.dataset)
             split = make_split(data, cfg.protocol, cfg.max_len, cfg.split_seed)
@@ -1919,7 +1950,9 @@ def main(argv=None):
             prepare_data(cfg)
             reproduce(cfg, ecfg, opts, os.environ.get("BIMI_COMMAND") or "python bimi.py "
                       + shlex.join(argv))
-    except (DataError, LLMError, TrainingError) as e:
+    except BrokenPipeError:
+        raise
+    except (DataError, LLMError, TrainingError, OSError) as e:  # OSError: a folder, a full disk
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit("interrupted")
@@ -1930,3 +1963,5 @@ if __name__ == "__main__":
     except BrokenPipeError:  # `bimi.py train --help | head`: the reader left early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # a quiet exit flush too
         sys.exit(1)
+    except KeyboardInterrupt:  # outside main's own handler
+        sys.exit("interrupted")

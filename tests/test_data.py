@@ -414,7 +414,7 @@ def write_processed(folder, seq_lines, n_items=3):
     (["1 1 2 3", "3 1 2"], "sequences.txt:2: user id 3, expected 2"),
     (["1 1 2 3", "2 1 9"], "sequences.txt:2: item 9 is not in"),
     (["1 1 2 3", "2"], "sequences.txt:2: user without items"),
-    (["1 1 x"], "sequences.txt:1: non-integer token"),
+    (["1 1 x"], "sequences.txt:1: non-integer token 'x'"),
 ])
 def test_load_rejects_bad_files_with_file_and_line(tmp_path, lines, needle):
     write_processed(str(tmp_path / "d"), lines)
@@ -457,9 +457,12 @@ def test_missing_items_file_is_one_line_naming_it(tmp_path):
     os.remove(tmp_path / "d" / "items.jsonl")
     with pytest.raises(bimi.DataError) as e:
         bimi.load_dataset(str(tmp_path), "d")
-    assert str(e.value) == (f"{tmp_path}/d/items.jsonl not found: run `python data_prep.py d`, which writes "
-                            "sequences.txt and items.jsonl (or point --data_dir at a folder that holds the "
-                            "processed datasets)")
+    assert str(e.value) == (f"{tmp_path}/d/items.jsonl not found: write sequences.txt and items.jsonl "
+                            "there (README: Your own dataset) (or point --data_dir at a folder that holds "
+                            "the processed datasets)")
+    with pytest.raises(bimi.DataError) as e:  # a dataset data_prep.py makes: the command that makes it
+        bimi.load_dataset(str(tmp_path), "beauty")
+    assert "run `.venv/bin/python data_prep.py beauty`, which writes sequences.txt and items.jsonl" in str(e.value)
 
 
 @pytest.mark.parametrize("edit", ["trailing blank lines", "byte-order marks", "CRLF", "all three"])

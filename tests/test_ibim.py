@@ -352,6 +352,9 @@ def test_unknown_and_mistyped_options_are_errors():
     (["reproduce", "--backend", "llm", "--base_url", "localhost:1", "--dataset", "mine", "--data_dir", "/nonexistent"],
      "--base_url is 'localhost:1': it needs http://"),  # before the data and the backbones, not after
     (["train", "--dataset", "x", "--force", "1"], "'1' is not an option"),  # not the whole argument list
+    (["train", "--datset", "beauty"], "unknown option --datset (did you mean --dataset?)"),
+    (["train", "--eimf", "llm", "--base_url", "http://127.0.0.1:9/v1", "--data_dir", "/nonexistent"],
+     "nothing answers at http://127.0.0.1:9/v1"),  # a wrong port: before any training
 ])
 def test_reproduce_options_are_checked_before_anything_runs(argv, needle):
     with pytest.raises(SystemExit, match=re.escape(needle)):
