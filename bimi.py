@@ -919,7 +919,8 @@ def build_esim(cfg, ecfg, backbone_dir, out):
                "clusters": len(centroids),
                "typical_with_a_twin": int((np.bincount(group)[group] > 1).sum()),
                "requests": client.requests if client else 0,
-               "cache_hits": client.cache_hits if client else 0, "code": code_version()}
+               "cache_hits": client.cache_hits if client else 0, "code": code_version(),
+               "served_models": sorted(client.served) if client else []}
     write_json(os.path.join(out, "summary.json"), summary)
     log(f"ESIM done in {summary['seconds']} s: {len(kept)} typical users, {len(texts)} interest "
         f"texts, {summary['labelled_users']:,} labelled users -> {out}")
@@ -1178,6 +1179,7 @@ class LLMClient:
         self.serial = False                    # one request at a time once a timeout showed it
         self.formats = list(RESPONSE_FORMATS)  # response_format shapes still to try, best first
         self.warned, self.rng = set(), random.Random(0)  # the rng: jitter only
+        self.served = set()  # (kind, model name the server reported), cached answers included
 
     def said(self, text):
         return text.replace(self.key, "***") if self.key else text
@@ -1301,9 +1303,11 @@ class LLMClient:
         if os.path.exists(path):  # an entry a crash or a full disk cut short is a miss
             try:
                 with open(path) as f:
-                    reply = json.load(f)["reply"]
+                    entry = json.load(f)
+                reply, served = entry["reply"], entry.get("model") or payload["model"]
                 with self.lock:
                     self.cache_hits += 1
+                    self.served.add((kind, served))
                 return reply
             except (OSError, ValueError, KeyError, TypeError) as e:
                 self.log(f"warning: unreadable cache entry {path} ({type(e).__name__}): asking "
@@ -1311,6 +1315,7 @@ class LLMClient:
         body = self.post(base, "/" + kind, payload)
         served, asked = body.get("model"), payload["model"]
         served = served if isinstance(served, str) else ""
+        self.served.add((kind, served or asked))
         if served and not served.startswith(asked) and not asked.startswith(served) \
                 and kind not in self.warned:
             self.warned.add(kind)
