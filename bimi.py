@@ -103,7 +103,7 @@ class EsimConfig:
     temperature: float = 0.0        # chat sampling temperature (0: most repeatable)
     max_tokens: int = 400           # reply length cap per chat request
     timeout: float = 120.0          # seconds per HTTP request; a timed-out prompt is not re-sent
-    max_retries: int = 5            # retries on connection errors, 408, 409, 429 and 5xx
+    max_retries: int = 8            # retries on connection errors, 408, 409, 429 and 5xx (~3 min)
     retry_wait: float = 1.0         # seconds before the first retry, doubled each time
     concurrency: int = 4            # requests in flight at once
     max_failed: float = 0.2         # share (0-1) of typical users that may fail before ESIM stops
