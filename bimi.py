@@ -17,8 +17,10 @@ import fcntl
 import functools
 import hashlib
 import inspect
+import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -90,6 +92,7 @@ class EsimConfig:
     per_cluster: int = 4            # M typical users per cluster: C * M LLM requests in all
     min_len: int = 5                # training items a typical user should have
     typical: str = "clustered"      # "clustered" (nearest the centroid) or "random" (ablation)
+    shuffle: bool = False           # control: interest sets and cluster labels permuted among users
     semantic_interests: int = 4     # K_s interests asked of the LLM per typical user
     prototypes: int = 32            # P semantic prototypes
     kmeans_restarts: int = 4        # k-means restarts; the lowest inertia is kept
@@ -118,6 +121,8 @@ class CommandOptions:
     models: str = "mind,comirec-dr,comirec-sa,remi"  # reproduce: backbones, comma-separated
     ablations: int = 1              # reproduce: 0 leaves out the ComiRec-SA ablation rows
     bench_steps: int = 0            # bench: training steps timed per encoder (0: a whole epoch)
+    jobs: int = 0                   # reproduce: runs in parallel, a thread each (0: one per core)
+    plan: bool = False              # reproduce: print every run as one command; train nothing
 
 def log(msg):
     """Print a line, and append it to the log.txt of the stage being made (log.path)."""
@@ -824,12 +829,11 @@ def explicit_interests(data, split, typical, ecfg, client, out):
                                  for a, b in r]}) + "\n" for t, r in zip(typical, results) if r)
     return results, failures
 
-def semantic_labels(vectors, owner, clusters_of_typical, assign, n_clusters, n_prototypes, seed,
-                    restarts):
+def semantic_labels(vectors, owner, clusters_of_typical, n_clusters, n_prototypes, seed, restarts):
     """Prototypes: k-means over the interest vectors (T, D), text t owned by typical user owner[t].
     A typical user's label is multi-hot over its texts' prototypes; a behaviour cluster's is the
-    mean over its typical users; each user (assign (n,)) inherits its cluster's. -> prototypes
-    (P, D), labels (n, P), labelled (n,); P < n_prototypes for fewer distinct texts."""
+    mean over its typical users (every user of the cluster inherits it). -> prototypes (P, D),
+    cluster labels (n_clusters, P), labelled (n_clusters,); P < n_prototypes for fewer texts."""
     prototypes, text_proto, _ = kmeans(torch.from_numpy(vectors), n_prototypes, restarts, seed)
     multi_hot = np.zeros((len(clusters_of_typical), len(prototypes)), dtype=np.float32)
     multi_hot[owner, text_proto.numpy()] = 1
@@ -838,7 +842,13 @@ def semantic_labels(vectors, owner, clusters_of_typical, assign, n_clusters, n_p
     np.add.at(cluster_label, clusters_of_typical, multi_hot)
     np.add.at(cluster_count, clusters_of_typical, 1)
     cluster_label /= np.maximum(cluster_count, 1)[:, None]
-    return prototypes.numpy(), cluster_label[assign], cluster_count[assign] > 0
+    return prototypes.numpy(), cluster_label, cluster_count > 0
+
+def derangement(n, rng):
+    """A random permutation of range(n) with no fixed point: one cycle through a shuffled order."""
+    order, to = rng.permutation(n), np.empty(n, dtype=np.int64)
+    to[order] = np.roll(order, -1)
+    return to
 
 def build_esim(cfg, ecfg, backbone_dir, out):
     """The ESIM stage on the backbone run `cfg` trained in backbone_dir (ecfg resolved): behaviour
@@ -864,10 +874,12 @@ def build_esim(cfg, ecfg, backbone_dir, out):
         f"{time.time() - t1:.1f} s (inertia {inertia:.1f})")
     if ecfg.typical == "clustered":
         chosen = select_typical(reps, assign, centroids, lengths, ecfg.per_cluster, ecfg.min_len)
-    else:  # ablation: as many users, drawn at random
-        n = min(len(users), len(centroids) * ecfg.per_cluster)
-        rows = np.random.default_rng(seed).choice(len(users), n, replace=False)
-        chosen = [(int(r), int(assign[r]), float("nan")) for r in sorted(rows)]
+    else:  # ablation: as many users, drawn at random, with >= min_len items as the clustered
+        n, rich = min(len(users), len(centroids) * ecfg.per_cluster), lengths >= ecfg.min_len
+        rows = np.random.default_rng(seed).choice(np.flatnonzero(rich), min(n, rich.sum()),
+                                                  replace=False)
+        rest = sorted(np.flatnonzero(~rich), key=lambda r: -lengths[r])[:n - len(rows)]
+        chosen = [(int(r), int(assign[r]), float("nan")) for r in sorted([*rows, *rest])]
     typical = [{"user": int(users[r]), "cluster": c, "distance": d, "train_items": int(lengths[r])}
                for r, c, d in chosen]
     write_json(os.path.join(out, "typical_users.json"), typical)
@@ -892,13 +904,10 @@ def build_esim(cfg, ecfg, backbone_dir, out):
     if len(empty) > len(texts) / 2:  # k-means would make one prototype, one label for all
         raise SystemExit(f"error: {len(empty)} of {len(texts)} interest texts embed to nothing "
                          f"(e.g. {empty[0]!r}): they have no letters or digits; use --embedder api")
-    # semantic prototypes and labels; rows of `labels` are user ids
-    prototypes, user_labels, user_labelled = semantic_labels(
-        vectors, owner, np.array([typical[n]["cluster"] for n in kept]), assign.cpu().numpy(),
-        len(centroids), ecfg.prototypes, seed, ecfg.kmeans_restarts)
-    labels = np.zeros((len(data.sequences) + 1, len(prototypes)), dtype=np.float32)
-    labelled = np.zeros(len(data.sequences) + 1, dtype=bool)
-    labels[users], labelled[users] = user_labels, user_labelled
+    # semantic prototypes and labels
+    prototypes, cluster_label, cluster_labelled = semantic_labels(
+        vectors, owner, np.array([typical[n]["cluster"] for n in kept]), len(centroids),
+        ecfg.prototypes, seed, ecfg.kmeans_restarts)
     width = max(len(results[n]) for n in kept)
     semantic = np.zeros((len(kept), width, vectors.shape[1]), dtype=np.float32)  # (typ., K_s, D)
     semantic_mask = np.arange(width) < np.bincount(owner, minlength=len(kept))[:, None]
@@ -907,6 +916,19 @@ def build_esim(cfg, ecfg, backbone_dir, out):
     first_seen = {}
     group = np.array([first_seen.setdefault(tuple(sorted(results[n])), len(first_seen))
                       for n in kept])
+    if ecfg.shuffle:  # control (README: The table): every statistic kept, the link to users cut
+        rich = np.flatnonzero(cluster_labelled)
+        if min(len(kept), len(rich)) < 2:
+            raise SystemExit("error: --shuffle needs at least 2 typical users with interests and "
+                             "2 labelled clusters")
+        rng = np.random.default_rng(seed)
+        to = derangement(len(kept), rng)  # typical user n gets the interests of user to[n]
+        semantic, semantic_mask, group = semantic[to], semantic_mask[to], group[to]
+        cluster_label[rich] = cluster_label[rich[derangement(len(rich), rng)]]
+    labels = np.zeros((len(data.sequences) + 1, len(prototypes)), dtype=np.float32)  # user id rows
+    labelled = np.zeros(len(data.sequences) + 1, dtype=bool)
+    labels[users] = cluster_label[assign.cpu().numpy()]
+    labelled[users] = cluster_labelled[assign.cpu().numpy()]
     np.savez(os.path.join(out, "esim.npz"), semantic=semantic,
              typical_users=np.array([typical[n]["user"] for n in kept]),
              semantic_mask=semantic_mask, semantic_group=group,
@@ -1440,12 +1462,14 @@ NOT_IDENTITY = ("data_dir", "out_dir", "device", "eval_batch", "base_url", "embe
                 "timeout", "max_retries", "retry_wait", "concurrency", "cache_dir", "max_failed")
 EIMF_FIELDS = ("eimf", "lambda_align", "lambda_pred", "tau", "align_batch")
 REMI_FIELDS = ("rlambda", "rbeta")  # used by the remi model only
+ADDED = {"shuffle": False}  # options newer than finished runs: at this value, not in the identity
 
 def identity(cfg):
     """The fields of one config that decide a run's results."""
     unused = NOT_IDENTITY + ((EIMF_FIELDS * (not cfg.eimf) + REMI_FIELDS * (cfg.model != "remi"))
                              if isinstance(cfg, Config) else ())
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unused}
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in unused and not (k in ADDED and ADDED[k] == v)}
 
 @functools.lru_cache(maxsize=None)
 def file_sha256(path, size, mtime_ns):  # read once per process unless size or mtime change
@@ -1517,10 +1541,11 @@ def resolve_device(name):
 
 @functools.lru_cache(maxsize=None)
 def code_version():
-    """The code that makes a run: sha256 of bimi.py (12 hex digits), and the checkout's git commit
-    when there is one ("+dirty" when bimi.py or prompts/ differ from it)."""
+    """The code that makes a run: sha256 of bimi.py (12 hex digits), the torch version, and the
+    checkout's git commit when there is one ("+dirty" when bimi.py or prompts/ differ from it)."""
     with open(os.path.abspath(__file__), "rb") as f:
-        version = {"bimi_sha256": hashlib.sha256(f.read()).hexdigest()[:12], "git": None}
+        version = {"bimi_sha256": hashlib.sha256(f.read()).hexdigest()[:12], "git": None,
+                   "torch": torch.__version__}
     git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True,
@@ -1534,7 +1559,7 @@ def code_version():
 def finished(out, quiet=False, _warned=set()):
     """The finished record of a run (metrics.json, status "done") or an ESIM (summary.json) in
     `out`, or None (an unreadable one too). Logs the reuse unless quiet, with one warning per
-    other version of bimi.py that made reused runs (its numbers may differ)."""
+    other version of bimi.py or torch that made reused runs (its numbers may differ)."""
     for name, what in (("metrics.json", "finished run"), ("summary.json", "ESIM run")):
         path = os.path.join(out, name)
         if os.path.exists(path):
@@ -1547,11 +1572,14 @@ def finished(out, quiet=False, _warned=set()):
                 return record if record.get("status", "done") == "done" else None
             made_by, now = record.get("code") or {}, code_version()
             old = made_by.get("git") or made_by.get("bimi_sha256", "unrecorded code")
-            if made_by.get("bimi_sha256") != now["bimi_sha256"] and old not in _warned:
-                _warned.add(old)
-                log(f"warning: reusing runs made by other code ({old} vs "
-                    f"{now['git'] or now['bimi_sha256']} now), e.g. {out}; `train --force` or a "
-                    "fresh --out_dir remakes them")
+            for other, kind, mine in ((made_by.get("bimi_sha256") != now["bimi_sha256"] and old,
+                                       "code", now["git"] or now["bimi_sha256"]),
+                                      (made_by.get("torch", now["torch"]) != now["torch"] and
+                                       made_by["torch"], "torch", now["torch"])):
+                if other and other not in _warned:
+                    _warned.add(other)
+                    log(f"warning: reusing runs made by other {kind} ({other} vs {mine} now), e.g. "
+                        f"{out}; `train --force` or a fresh --out_dir remakes them")
             log(f"reusing {what} {out}")
             return record
     return None
@@ -1596,29 +1624,58 @@ ROWS = [  # (row label, model, EIMF on?, config overrides, ESIM overrides, group
     ("comirec-sa + EIMF w/o alignment", "comirec-sa", True, {"lambda_align": 0.0}, {}, "ablation"),
     ("comirec-sa + EIMF w/o prediction", "comirec-sa", True, {"lambda_pred": 0.0}, {}, "ablation"),
     ("comirec-sa + EIMF, random users", "comirec-sa", True, {}, {"typical": "random"}, "ablation"),
+    *[(f"{m} + EIMF, shuffled semantics", m, True, {}, {"shuffle": True}, "control")
+      for m in MODELS],
     ("comirec-sa + EIMF, categories backend", "comirec-sa", True, {},  # an LLM table's no-LLM row
      {"backend": "categories", "embedder": "hash"}, "llm reference")]
+CONTRASTS = {"shuffled semantics": "real over shuffled semantics",  # row suffix -> contrast
+             "categories backend": "LLM over the categories backend"}
 TABLE_METRICS = ("recall@20", "ndcg@20", "hitrate@20", "recall@50", "ndcg@50", "hitrate@50")
+GAIN_METRICS = ("recall@20", "ndcg@20")
+TUNED = {  # (dataset, backbone) -> settings chosen on validation, seed 1 (README: Tuning)
+    **{("*", m): {"lambda_align": 0.1, "lambda_pred": 0.5} for m in MODELS}}
 
-def paired_bootstrap(backbone, eimf, resamples=2000, seed=0):
-    """EIMF's relative gain over its backbone with a 95 % paired bootstrap interval over users.
-    backbone, eimf: (S, U) per-user test metrics of S seeds; per user the difference is averaged
-    over seeds, users are resampled (numpy PCG64, `seed`), a resample's gain is mean(difference)
-    / mean(backbone). -> (gain %, 2.5th, 97.5th percentile %)."""
+def tuned(dataset, model):
+    """The settings reproduce gives a row of `model` on `dataset` ("*": every dataset)."""
+    return {**TUNED.get(("*", model), {}), **TUNED.get((dataset, model), {})}
+
+def t_quantile(p, df):
+    """Student's t quantile (p > 0.5, df > 0, math.inf for the normal), by integrating its density
+    on a grid of 2^20 steps: 4.3027 for (0.975, 2), 1.9600 for (0.975, inf)."""
+    x = np.linspace(0, 64, 2 ** 20 + 1)
+    if math.isinf(df):
+        density = np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    else:
+        density = np.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)
+                         - (df + 1) / 2 * np.log1p(x * x / df)) / math.sqrt(df * math.pi)
+    area = np.concatenate([[0], np.cumsum((density[1:] + density[:-1]) / 2 * (x[1] - x[0]))])
+    return float(np.interp(p - 0.5, area, x))
+
+def gain_interval(backbone, eimf):
+    """EIMF's relative gain over its backbone with a 95 % interval that counts both sources of
+    noise (README: The table). backbone, eimf: (S, U) per-user test metrics of S paired seeds.
+    gain = mean(eimf - backbone) / mean(backbone). Its variance = the users' (delta method on the
+    seed-averaged per-user values) + the seeds' (the sample variance of the S per-seed gains / S);
+    the interval is gain +- t(0.975, Welch-Satterthwaite df) * sd. With one seed the seeds' share
+    is unknown and left out. -> (gain %, low %, high %)."""
     backbone, eimf = np.asarray(backbone, dtype=np.float64), np.asarray(eimf, dtype=np.float64)
-    base, diff = backbone.mean(0), (eimf - backbone).mean(0)          # (U,), (U,)
-    rng, gains = np.random.default_rng(seed), np.empty(resamples)
-    for start in range(0, resamples, 100):                # (100, U) indices at a time
-        idx = rng.integers(0, len(diff), size=(min(100, resamples - start), len(diff)))
-        gains[start:start + len(idx)] = diff[idx].mean(1) / base[idx].mean(1)
-    low, high = np.percentile(gains, [2.5, 97.5])
-    return float(100 * diff.mean() / base.mean()), float(100 * low), float(100 * high)
+    (seeds, users), base, diff = backbone.shape, backbone.mean(0), (eimf - backbone).mean(0)
+    gain = diff.mean() / base.mean()
+    var_users = np.var(diff - gain * base, ddof=1) / users / base.mean() ** 2
+    per_seed = (eimf - backbone).mean(1) / backbone.mean(1)                     # (S,)
+    var_seeds = np.var(per_seed, ddof=1) / seeds if seeds > 1 else 0.0
+    var = var_users + var_seeds
+    df = var ** 2 / (var_seeds ** 2 / (seeds - 1)) if var_seeds > 0 else math.inf
+    half = t_quantile(0.975, df) * math.sqrt(var)
+    return float(100 * gain), float(100 * (gain - half)), float(100 * (gain + half))
 
-def table_rows(backend, models, ablations):
-    """The backbones in `models`, their EIMF rows, the ComiRec-SA ablations when asked, and with
-    the llm backend the categories row as the no-LLM reference."""
+def table_rows(backend, models, ablations, controls=("comirec-sa",)):
+    """The backbones in `models`, their EIMF rows, the ComiRec-SA ablations when asked, the
+    shuffled-semantics control of the backbones in `controls`, and with the llm backend the
+    categories row as the no-LLM reference."""
     wanted = {"main", "ablation" if ablations else "", "llm reference" if backend == "llm" else ""}
-    return [row for row in ROWS if row[1] in models and row[5] in wanted]
+    return [row for row in ROWS if row[1] in models and (row[5] in wanted or row[5] == "control"
+                                                         and row[1] in controls)]
 
 def table_name(dataset, backend, models, ablations):
     """A table's file name under results/: a partial table never overwrites the whole one."""
@@ -1645,110 +1702,250 @@ def read_json(*path):
     with open(os.path.join(*path)) as f:
         return json.load(f)
 
-def reproduce(cfg, ecfg, opts, command_line):
-    """Train every row of the table for seeds 1..opts.seeds (finished runs are reused), then write
-    results/<table_name>.md and .json: mean ± sample std over seeds, epochs, each EIMF row's gain
-    with its paired bootstrap interval, and the provenance."""
+def table_runs(cfg, ecfg, rows, seeds, given):
+    """Every run of `rows` over seeds 1..seeds, each with its tuned settings (but the options in
+    `given`) -> {label: [run folder per seed]}, and the runs to make by stage (backbones, ESIMs,
+    EIMF runs): {stage: {folder: (command, cfg, ecfg)}}."""
+    runs, stages = {}, {"backbones": {}, "ESIMs": {}, "EIMF runs": {}}
+    for label, model, eimf, overrides, esim_overrides, _ in rows:
+        settings = {k: v for k, v in tuned(cfg.dataset, model).items() if k not in given}
+        for seed in range(1, seeds + 1):
+            e = dataclasses.replace(ecfg, **esim_overrides)
+            c = dataclasses.replace(cfg, model=model, seed=seed, **{**settings, **overrides},
+                                    eimf=e.backend if eimf else "")
+            e = resolve_esim(e) if eimf else None
+            runs.setdefault(label, []).append(run_dir(c, e))
+            if eimf:
+                b = backbone_config(c, e)
+                stages["backbones"][run_dir(b)] = ("train", b, None)
+                stages["ESIMs"][esim_dir(c, e)] = ("esim", dataclasses.replace(c, eimf=""), e)
+            stages["EIMF runs" if eimf else "backbones"][runs[label][-1]] = ("train", c, e)
+    return runs, stages
+
+def make_run(job):
+    """One run of a table: (command, cfg, ecfg) -> (None or the error line that stopped it, [])."""
+    command, cfg, ecfg = job
+    try:
+        run_esim(cfg, ecfg) if command == "esim" else train(cfg, ecfg)
+    except (SystemExit, DataError, LLMError, TrainingError, OSError) as e:
+        return str(e) if str(e).startswith("error:") else f"error: {e}", []
+    return None, []
+
+def worker_run(job):
+    """make_run in a worker process of one torch thread: its lines go to the run's log.txt, and
+    its warnings back to the parent."""
+    torch.set_num_threads(1)
+    with io.StringIO() as lines, contextlib.redirect_stdout(lines):
+        error, _ = make_run(job)
+        return error, [w for w in lines.getvalue().splitlines() if w.startswith("warning:")]
+
+def make_stage(stage, jobs, workers):
+    """Make the unfinished runs of one stage, one after another in this process (workers 1) or in
+    `workers` processes of one thread each, with one progress line. SystemExit for a failed run
+    (the others of the stage are finished first)."""
+    todo = [job for out, job in jobs.items() if not finished(out)]
+    log(f"== {stage}: {len(todo)} to make, {len(jobs) - len(todo)} finished")
+    if not todo:
+        return
+    t0, errors = time.time(), []
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    try:
+        results = (f.result() for f in concurrent.futures.as_completed(
+            [pool.submit(worker_run, job) for job in todo])) if pool else map(make_run, todo)
+        for done, (error, warnings) in enumerate(results, 1):
+            errors += [error] if error else []
+            if pool:
+                if warnings:  # below the progress line, which goes on under them
+                    print("\n" + "\n".join(warnings))
+                left = (len(todo) - done) * (time.time() - t0) / done
+                print(f"\r  {stage}: {done}/{len(todo)} made ({workers} at once), {len(errors)} "
+                      f"failed, ETA {left / 60:.0f} min   ", end="" if done < len(todo) else "\n",
+                      flush=True)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    if errors:
+        raise SystemExit(errors[0] + f" (and {len(errors) - 1} more failed runs)" * (
+            len(errors) > 1))
+
+def plan_line(command, cfg, ecfg):
+    """The bimi.py command line that makes one run: the options that differ from the defaults."""
+    words = [command]
+    for obj, default in ((cfg, Config()), (ecfg, EsimConfig())):
+        for key, value in dataclasses.asdict(obj).items() if obj else ():
+            if value != getattr(default, key) and not (command == "train" and key == "backend"):
+                words += [f"--{key}"] + [str(value)] * (not isinstance(value, bool))
+    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} " \
+        + shlex.join(words)
+
+def excludes_zero(gain):
+    return gain["ci95"][0] > 0 or gain["ci95"][1] < 0
+
+def reproduce(cfg, ecfg, opts, command_line, given=()):
+    """Train every row of the table for seeds 1..opts.seeds (finished runs are reused; a stage at
+    a time, in opts.jobs processes), then write results/<table_name>.md and .json: mean ± sample
+    std over seeds, epochs, each EIMF row's gain with its interval, the contrasts, the
+    provenance. A backbone whose gain excludes zero gets its shuffled-semantics control too.
+    opts.plan: print the runs as commands instead. `given`: options the user typed (they win
+    over the tuned settings)."""
     t0, load0, seeds = time.time(), os.getloadavg()[0], opts.seeds
     models = [m for m in MODELS if m in opts.models.split(",")]
-    rows, versions, esim_s, made = table_rows(ecfg.backend, models, opts.ablations), {}, {}, []
-    runs = {label: [] for label, *_ in rows}
-    for seed in range(1, seeds + 1):  # seed-major: a whole first table appears early
-        for label, model, eimf, overrides, esim_overrides, _ in rows:
-            e = dataclasses.replace(ecfg, **esim_overrides)
-            log(f"== {label}, seed {seed}")
-            runs[label].append(train(dataclasses.replace(cfg, model=model, seed=seed, **overrides,
-                                                         eimf=e.backend if eimf else ""), e))
-    results = []
+    rows, runs, workers = [], {}, opts.jobs or os.cpu_count()
+    more = table_rows(ecfg.backend, models, opts.ablations)
+    while more:  # the table's rows, then the controls that its gains ask for
+        more_runs, stages = table_runs(cfg, ecfg, more, seeds, given)
+        if opts.plan:
+            print("# every run of the table, one command each, stage after stage (the runs of a "
+                  "stage may run side by side);\n# then the same reproduce without --plan "
+                  "assembles the table from the finished runs")
+            for stage, jobs in stages.items():
+                print(f"# {stage}\n" + "\n".join(plan_line(*job) for job in jobs.values()))
+            return
+        for stage, jobs in stages.items():
+            make_stage(stage, jobs, workers)
+        rows, runs = [row for row in ROWS if row in rows or row in more], {**runs, **more_runs}
+        results = table_results(ecfg, rows, runs)
+        more = [row for row in table_rows(ecfg.backend, models, opts.ablations, models)
+                if row not in rows and any(excludes_zero(g) for r in results if r["row"] ==
+                                           f"{row[1]} + EIMF" for g in r["gain_pct"].values())]
+        if more:
+            log(f"the gain of {', '.join(row[1] for row in more)} + EIMF excludes zero: adding "
+                "its shuffled-semantics control")
+    write_table(cfg, ecfg, opts, models, results, command_line, t0, load0)
+
+def table_results(ecfg, rows, runs):
+    """Per row: its runs' test metrics (mean and sample std over seeds), epochs, times, ESIMs;
+    per EIMF row its gain over its backbone, and for a control or reference row the contrast of
+    its partner over it, each with gain_interval's 95 % interval."""
+    results, by_label = [], {}
     for label, model, eimf, _, esim_overrides, _ in rows:
         records = [read_json(run, "metrics.json") for run in runs[label]]
-        made += [rec["made"] for rec in records if "made" in rec]  # where each run was trained
-        for code in (rec.get("code") or {} for rec in records):  # one code version = one bimi.py
-            versions.setdefault(code.get("bimi_sha256", "unrecorded"), set()).add(
-                code.get("git") or "no git")
         tests = [rec["test"] for rec in records]
         esims = [read_json(run, "config.json")["esim_dir"] for run in runs[label]] if eimf else []
-        esims = [{"dir": d, **{k: read_json(d, "summary.json")[k] for k in (
-            "typical_users", "parsed", "failures", "seconds")}} for d in esims]
-        esim_s.update((e["dir"], e["seconds"]) for e in esims)  # seeds may share an ESIM
-        results.append({
+        by_label[label] = r = {
             "row": label, "model": model, "eimf": eimf, "runs": runs[label], "tests": tests,
             "backend": esim_overrides.get("backend", ecfg.backend) if eimf else "",
             # sample std (n - 1): numpy's default (n) shrinks the seed spread by 18 % at 3 seeds
             "mean_std": {m: (float(np.mean([t[m] for t in tests])), float(np.std(
-                [t[m] for t in tests], ddof=1)) if seeds > 1 else 0.0) for m in TABLE_METRICS},
+                [t[m] for t in tests], ddof=1)) if len(tests) > 1 else 0.0) for m in TABLE_METRICS},
             "epochs": [f"{rec['best_epoch']}/{len(rec['epochs'])}" + " cap" * (  # hit --max_epochs
                 rec.get("stopped_by") == "epoch cap") for rec in records],
-            "runs_s": sum(rec["total_s"] for rec in records), "esim": esims if eimf else None})
+            "runs_s": sum(rec["total_s"] for rec in records),
+            "esim": [{"dir": d, **{k: read_json(d, "summary.json")[k] for k in (
+                "typical_users", "parsed", "failures", "seconds")}} for d in esims] or None}
+        results.append(r)
+    per_user = {label: {m: np.stack([np.load(os.path.join(run, "test_per_user.npz"))[m]
+                                     for run in r["runs"]]) for m in GAIN_METRICS}
+                for label, r in by_label.items()}  # (S, U) per metric
+
+    def gain(over, row, m):  # row's relative gain over row `over`
+        g, low, high = gain_interval(per_user[over][m], per_user[row][m])
+        return {"gain": g, "ci95": [low, high]}
+    for r in results:
+        if r["eimf"]:
+            r["gain_pct"] = {m: gain(r["model"], r["row"], m) for m in GAIN_METRICS}
+        partner, suffix = f"{r['model']} + EIMF", r["row"].rpartition(", ")[2]
+        if suffix in CONTRASTS and partner in by_label:  # the partner row over this one
+            r["contrast"] = {"what": CONTRASTS[suffix],
+                             **{m: gain(r["row"], partner, m) for m in GAIN_METRICS}}
+    return results
+
+def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
+    """results/<table_name>.md and .json: the rows, the intervals that exclude zero, the
+    contrasts, the tuned settings and the provenance (README: The table)."""
+    seeds, versions, made, esim_s = opts.seeds, {}, [], {}
+    for r in results:
+        for rec in (read_json(run, "metrics.json") for run in r["runs"]):
+            made += [rec["made"]] if "made" in rec else []  # where each run was trained
+            code = rec.get("code") or {}  # one code version = one bimi.py (and one torch)
+            versions.setdefault(code.get("bimi_sha256", "unrecorded"), set()).add(
+                f"git {code.get('git') or 'none'}, torch {code.get('torch', 'unrecorded')}")
+        esim_s.update((e["dir"], e["seconds"]) for e in r["esim"] or [])  # seeds may share one
     data = load_dataset(cfg.data_dir, cfg.dataset)
     popularity = popularity_metrics(make_split(data, cfg.protocol, cfg.max_len, cfg.split_seed),
                                     data.n_items)
-    backbone = {r["model"]: r for r in results if not r["eimf"]}
-    for r in (r for r in results if r["eimf"]):
-        r["gain_pct"] = {}
-        for m in ("recall@20", "ndcg@20"):
-            per_user = [np.stack([np.load(os.path.join(run, "test_per_user.npz"))[m] for run in
-                                  row["runs"]]) for row in (backbone[r["model"]], r)]  # (S, U)
-            gain, low, high = paired_bootstrap(*per_user)
-            r["gain_pct"][m] = {"gain": gain, "ci95": [low, high]}
     if len(versions) > 1:
         log(f"warning: the table's runs come from {len(versions)} versions of bimi.py "
             f"({', '.join(versions)}); a table for a paper should come from one: remake the older "
             "runs (a fresh --out_dir)")
     cuda = resolve_device(cfg.device).type == "cuda"
+    settings = {m: tuned(cfg.dataset, m) for m in models}
     meta = {"dataset": cfg.dataset, "protocol": cfg.protocol, "seeds": seeds,
             "backend": ecfg.backend,
             "chat_model": ecfg.chat_model if ecfg.backend == "llm" else None,
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
                        + (f"CUDA {torch.cuda.get_device_name()}" if cuda else "CPU"),
-            "threads": torch.get_num_threads(), "command": command_line,
-            "date": time.strftime("%F"),
+            "threads": torch.get_num_threads(), "jobs": opts.jobs or os.cpu_count(),
+            "command": command_line, "date": time.strftime("%F"),
             "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)],
             "total_s": round(time.time() - t0, 1),
             "runs_s": round(sum(r["runs_s"] for r in results) + sum(esim_s.values()), 1),
-            "code_versions": {sha: sorted(gits) for sha, gits in sorted(versions.items())},
-            "esim_seed": ecfg.esim_seed, "bootstrap": "95 % paired, 2,000 user resamples, seed 0"}
+            "code_versions": {sha: sorted(v) for sha, v in sorted(versions.items())},
+            "tuned": settings, "esim_seed": ecfg.esim_seed,
+            "interval": "95 %, users and seeds (README: The table)"}
     name = table_name(cfg.dataset, ecfg.backend, models, opts.ablations)
     os.makedirs("results", exist_ok=True)
     write_json(f"results/{name}.json", {"meta": meta, "rows": results, "popularity": popularity})
     backend = "LLM " + ecfg.chat_model if ecfg.backend == "llm" else \
         "categories (no LLM: category paths)"
     over = f"mean ± sample std over seeds 1-{seeds}" if seeds > 1 else \
-        "seed 1 (one seed: no seed spread)"
+        "seed 1 (one seed: no seed spread, and the intervals leave out seed noise)"
     lines = [f"{cfg.dataset}, protocol {cfg.protocol}, full ranking, test split, {over}; EIMF "
-             f"backend: {backend}; gain: relative to the backbone, with its 95 % paired bootstrap "
-             "interval over users", "", "| row | " + " | ".join(TABLE_METRICS) + " | gain R@20 "
+             f"backend: {backend}; gain: relative to the backbone, with a 95 % interval over "
+             "users and seeds", "", "| row | " + " | ".join(TABLE_METRICS) + " | gain R@20 "
              "[95 % CI] | gain N@20 [95 % CI] | epochs (best/run) |", "|---" * 10 + "|"]
     for r in results:
         cells = [f"{m:.4f} ± {s:.4f}" if seeds > 1 else f"{m:.4f}"
                  for m, s in (r["mean_std"][k] for k in TABLE_METRICS)]
-        cells += [f"{g['gain']:+.1f} % [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]"
-                  for g in r["gain_pct"].values()] if r["eimf"] else ["", ""]
+        cells += [interval_text(g) for g in r["gain_pct"].values()] if r["eimf"] else ["", ""]
         lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {', '.join(r['epochs'])} |")
     lines += ["| popularity (reference floor) | " + " | ".join(
         f"{popularity[k]:.4f}" for k in TABLE_METRICS) + " | | | |", ""]
+    apart = [f"{r['row']} {m[0].upper()}@20 {interval_text(g)}" for r in results if r["eimf"]
+             for m, g in r["gain_pct"].items() if excludes_zero(g)]
+    lines.append("Gains whose interval excludes zero: " + ("; ".join(apart) or "none") + ".")
+    for r in (r for r in results if "contrast" in r):
+        c = r["contrast"]
+        lines.append(f"{r['model']}, {c['what']}: R@20 {interval_text(c['recall@20'])}, N@20 "
+                     f"{interval_text(c['ndcg@20'])}" + (verdict(c["recall@20"]) if r["row"]
+                                                          .endswith("shuffled semantics") else "")
+                     + ".")
     lines += [f"{r['row']}: ESIM gave interests to " + ", ".join(  # a weak LLM's failures count
         f"{e['parsed']} of {e['typical_users']}" for e in {e["dir"]: e for e in r["esim"]}.values())
         + " typical users." for r in results if r["backend"] == "llm"]
+    lines.append("Settings from validation (README: Tuning): " + "; ".join(
+        f"{m} " + ", ".join(f"{k} {v:g}" for k, v in s.items()) for m, s in settings.items())
+        + ".")
     lines.append("ESIM: one per EIMF row and seed, on that seed's backbone." if not ecfg.esim_seed
                  else f"ESIM: one per EIMF row, on seed {ecfg.esim_seed}'s backbone" + (
                      ", shared by every seed (the seed spread leaves out ESIM's variance)."
                      if seeds > 1 else "."))
-    made_by = "; ".join(f"bimi.py sha256 {sha} (git {', '.join(gits)})"
-                        for sha, gits in meta["code_versions"].items())
+    made_by = "; ".join(f"bimi.py sha256 {sha} ({', '.join(v)})"
+                        for sha, v in meta["code_versions"].items())
     trained = (f"{len(made)} of its {sum(len(r['runs']) for r in results)} runs trained "
                f"{min(m['date'] for m in made)} to {max(m['date'] for m in made)} with "
                f"{'/'.join(str(t) for t in sorted({m['threads'] for m in made}))} torch threads at "
                f"load {min(m['load'] for m in made):.1f}-{max(m['load'] for m in made):.1f}"
                if made else "the runs' threads and load were not recorded (older code)")
     lines.append(f"Made by `{command_line}` on {meta['date']}: {meta['machine']}, "
-                 f"{meta['threads']} torch threads, load average {load0:.1f} at the start and "
+                 f"{meta['jobs']} run(s) at once, load average {load0:.1f} at the start and "
                  f"{meta['load_average'][1]:.1f} at the end; {meta['total_s']:.0f} s for this "
                  f"invocation; {trained}; the runs took {meta['runs_s']:.0f} s to train, ESIM "
                  f"included, one after another; {made_by}.")
     with open(f"results/{name}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+def interval_text(g):
+    return f"{g['gain']:+.1f} % [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]"
+
+def verdict(real_over_shuffled):
+    if not excludes_zero(real_over_shuffled):
+        return ": the shuffled control gains as much as the real row, so the gain is not from " \
+            "the semantics"
+    return ": the real semantics beat shuffled ones" if real_over_shuffled["gain"] > 0 else \
+        ": shuffled semantics do better than the real ones"
 
 def bench_one(cfg, steps=0):
     """One JSON line: seconds per training step over the first `steps` steps of an epoch (0: all;
@@ -1811,12 +2008,13 @@ CHOICES = {  # options with a fixed set of values
     "backend": ("llm", "categories"), "embedder": ("api", "hash"),
     "typical": ("clustered", "random")}
 ZERO_ALLOWED = ("esim_seed", "max_failed", "max_retries", "min_len", "retry_wait", "temperature",
-                "lambda_align", "lambda_pred", "rlambda", "rbeta", "bench_steps")  # else > 0
+                "lambda_align", "lambda_pred", "rlambda", "rbeta", "bench_steps", "jobs")  # or > 0
 ANY_SIGN = ("seed", "split_seed")
 EXPECTS = {"max_failed": "a share of the typical users, from 0 to 1",
            "models": f"backbones from {', '.join(MODELS)}, comma-separated (e.g. comirec-sa,remi)"}
 OPTION_OF = {"force": ("train",), "seeds": ("reproduce",), "models": ("reproduce",),
-             "ablations": ("reproduce",), "bench_steps": ("bench", "_bench_one")}
+             "ablations": ("reproduce",), "jobs": ("reproduce",), "plan": ("reproduce",),
+             "bench_steps": ("bench", "_bench_one")}
 SET_PER_ROW = {"model": "--models LIST", "seed": "--seeds N",  # reproduce sets these per row
                "eimf": "--backend (the EIMF rows' backend)"}
 
@@ -1954,7 +2152,7 @@ def main(argv=None):
             resolve_device(cfg.device)
             prepare_data(cfg)
             reproduce(cfg, ecfg, opts, os.environ.get("BIMI_COMMAND") or "python bimi.py "
-                      + shlex.join(argv))
+                      + shlex.join(argv), {a.partition("=")[0][2:].replace("-", "_") for a in args})
     except BrokenPipeError:
         raise
     except (DataError, LLMError, TrainingError, OSError) as e:  # OSError: a folder, a full disk

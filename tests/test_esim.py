@@ -246,6 +246,35 @@ def test_esim_categories_hash_outputs(synthetic_dir, tmp_path):
     assert bimi.run_esim(cfg, ecfg) == out  # reused
 
 
+def test_random_typical_users_have_min_len_items_as_the_clustered_do(synthetic_dir, tmp_path):
+    cfg, ecfg = esim_configs(synthetic_dir, tmp_path, typical="random")  # 13 % of users are short
+    typical = json.load(open(os.path.join(bimi.run_esim(cfg, ecfg), "typical_users.json")))
+    assert len({t["user"] for t in typical}) == 40 and min(t["train_items"] for t in typical) >= 5
+
+
+def test_shuffled_control_keeps_every_statistic_and_cuts_the_link(synthetic_dir, tmp_path):
+    cfg, ecfg = esim_configs(synthetic_dir, tmp_path)
+    assert "shuffle" not in bimi.identity(ecfg)  # at its default: finished runs keep their folder
+    assert bimi.identity(dataclasses.replace(ecfg, shuffle=True))["shuffle"] is True
+    real = np.load(os.path.join(bimi.run_esim(cfg, ecfg), "esim.npz"))
+    shuf = np.load(os.path.join(bimi.run_esim(cfg, dataclasses.replace(ecfg, shuffle=True)), "esim.npz"))
+    for key in ("typical_users", "vectors", "prototypes", "labelled"):
+        assert np.array_equal(real[key], shuf[key])
+    rows = lambda z: [z["semantic"][n].tobytes() + z["semantic_mask"][n].tobytes() for n in range(len(z["semantic"]))]
+    r, s = rows(real), rows(shuf)
+    assert sorted(r) == sorted(s)  # the same interest sets, each moved to another typical user
+    assert sum(a == b for a, b in zip(r, s)) <= sum(r.count(x) > 1 for x in r)  # only twins stay
+    pairs = lambda z, rows: sorted(zip(rows, z["semantic_group"].tolist()))
+    assert pairs(real, r) == pairs(shuf, s)  # a set keeps its group: twins still no negatives
+    users = np.flatnonzero(real["labelled"])
+    moved = {}
+    for u in users:  # each cluster (its users share one label) moves to another cluster's label
+        moved.setdefault(real["labels"][u].tobytes(), set()).add(shuf["labels"][u].tobytes())
+    assert all(len(v) == 1 for v in moved.values())
+    assert sorted(moved) == sorted(b for v in moved.values() for b in v)
+    assert sum(k in v for k, v in moved.items()) == 0
+
+
 LANGUAGES = {  # 8 interests each, as an LLM asked in that language would name them
     "en": ["Nail polish: gel colours", "Skin care: serums", "Perfume: floral scents", "Hair: sprays",
            "Lipstick: matte shades", "Shaving: razors", "Sun care: sunscreen", "Bath: bath bombs"],
@@ -265,7 +294,7 @@ def test_hash_embedding_reads_every_script(lang, capsys):
     vectors = bimi.hash_embed(texts, 256)
     assert (np.abs(vectors).sum(1) > 0).all()
     prototypes, labels, _ = bimi.semantic_labels(vectors, np.repeat(np.arange(8), 4), np.arange(8),
-                                                 np.arange(8), 8, 8, 1, 2)
+                                                 8, 8, 1, 2)
     assert len(prototypes) == 8 and len(np.unique(labels, axis=0)) == 8
     assert "colorés" in bimi.words(LANGUAGES["fr"][0]) and bimi.words("Men's 2in1") == ["men", "s", "2in1"]
 

@@ -406,8 +406,12 @@ def test_a_partial_table_never_takes_the_whole_tables_file():
 
 def test_table_rows_follow_models_ablations_and_backend():
     labels = lambda *a: [row[0] for row in bimi.table_rows(*a)]
-    assert labels("categories", ["comirec-sa"], False) == ["comirec-sa", "comirec-sa + EIMF"]
+    assert labels("categories", ["comirec-sa"], False) == ["comirec-sa", "comirec-sa + EIMF",
+                                                           "comirec-sa + EIMF, shuffled semantics"]
     assert labels("llm", ["comirec-sa"], False) == ["comirec-sa", "comirec-sa + EIMF",
+                                                    "comirec-sa + EIMF, shuffled semantics",
                                                     "comirec-sa + EIMF, categories backend"]
     assert labels("categories", ["mind", "remi"], True) == ["mind", "remi", "mind + EIMF", "remi + EIMF"]
-    assert len(labels("categories", bimi.MODELS, True)) == 11 and len(labels("llm", bimi.MODELS, True)) == 12
+    assert len(labels("categories", bimi.MODELS, True)) == 12 and len(labels("llm", bimi.MODELS, True)) == 13
+    assert labels("categories", ["comirec-sa"], False, ["comirec-sa"]) == labels("categories", ["comirec-sa"], False)
+    assert labels("categories", ["mind", "comirec-sa"], False, ["mind"])[-1] == "mind + EIMF, shuffled semantics"

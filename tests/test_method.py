@@ -112,8 +112,9 @@ def test_semantic_labels_match_loop(noise, n_prototypes, P):
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     clusters_of_typical = np.array([0, 0, 2, 2, 3])
     assign = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4, 0, 2])
-    prototypes, labels, labelled = bimi.semantic_labels(
-        vectors, owner, clusters_of_typical, assign, 5, n_prototypes, 0, 2)
+    prototypes, cluster_labels, cluster_labelled = bimi.semantic_labels(
+        vectors, owner, clusters_of_typical, 5, n_prototypes, 0, 2)
+    labels, labelled = cluster_labels[assign], cluster_labelled[assign]  # as build_esim inherits
     assert prototypes.shape == (P, 6) and labels.shape == (13, P) and labelled.shape == (13,)
     protos = np.asarray(prototypes, dtype=np.float64)
     nearest = []
