@@ -116,7 +116,7 @@ class EsimConfig:
 @dataclass
 class CommandOptions:
     """Options of a command, not of a run (never part of a run's identity)."""
-    force: bool = False             # train: train again even if a finished run exists
+    force: bool = False             # train, esim: make it again even if a finished one exists
     seeds: int = 3                  # reproduce: seeds 1..N of every row
     models: str = "mind,comirec-dr,comirec-sa,remi"  # reproduce: backbones, comma-separated
     ablations: int = 1              # reproduce: 0 leaves out the ComiRec-SA ablation rows
@@ -875,7 +875,8 @@ def build_esim(cfg, ecfg, backbone_dir, out):
     if ecfg.typical == "clustered":
         chosen = select_typical(reps, assign, centroids, lengths, ecfg.per_cluster, ecfg.min_len)
     else:  # ablation: as many users, drawn at random, with >= min_len items as the clustered
-        n, rich = min(len(users), len(centroids) * ecfg.per_cluster), lengths >= ecfg.min_len
+        n = int(np.minimum(np.bincount(assign.cpu().numpy()), ecfg.per_cluster).sum())
+        rich = lengths >= ecfg.min_len
         rows = np.random.default_rng(seed).choice(np.flatnonzero(rich), min(n, rich.sum()),
                                                   replace=False)
         rest = sorted(np.flatnonzero(~rich), key=lambda r: -lengths[r])[:n - len(rows)]
@@ -919,8 +920,8 @@ def build_esim(cfg, ecfg, backbone_dir, out):
     if ecfg.shuffle:  # control (README: The table): every statistic kept, the link to users cut
         rich = np.flatnonzero(cluster_labelled)
         if min(len(kept), len(rich)) < 2:
-            raise SystemExit("error: --shuffle needs at least 2 typical users with interests and "
-                             "2 labelled clusters")
+            raise SystemExit("error: the shuffled-semantics control (--shuffle) needs at least 2 "
+                             "typical users with interests and 2 labelled clusters")
         rng = np.random.default_rng(seed)
         to = derangement(len(kept), rng)  # typical user n gets the interests of user to[n]
         semantic, semantic_mask, group = semantic[to], semantic_mask[to], group[to]
@@ -1096,13 +1097,14 @@ def run_stage(out, make, force=False):
                 log.path = None
     return out
 
-def run_esim(cfg, ecfg):
+def run_esim(cfg, ecfg, force=False):
     """The backbone (seed ecfg.esim_seed, or cfg.seed when 0), then ESIM on its folder; each is
-    reused when finished. Returns the ESIM's folder."""
+    reused when finished (the ESIM is made again if `force`). Returns the ESIM's folder."""
     ecfg = resolve_esim(ecfg)
     backbone = backbone_config(cfg, ecfg)
     backbone_dir = run_stage(run_dir(backbone), lambda out: fit(backbone, out))
-    return run_stage(esim_dir(cfg, ecfg), lambda out: build_esim(backbone, ecfg, backbone_dir, out))
+    return run_stage(esim_dir(cfg, ecfg), lambda out: build_esim(backbone, ecfg, backbone_dir, out),
+                     force)
 
 def train(cfg, ecfg=None, force=False):
     """Train (or reuse) one run and return its folder; an EIMF run (cfg.eimf: ESIM's backend)
@@ -1508,7 +1510,8 @@ def resolve_esim(ecfg):
 
 def backbone_config(cfg, ecfg):
     """The backbone run an ESIM reads: seed ecfg.esim_seed, or cfg.seed when that is 0."""
-    return dataclasses.replace(cfg, eimf="", seed=ecfg.esim_seed or cfg.seed)
+    return dataclasses.replace(cfg, seed=ecfg.esim_seed or cfg.seed, **{
+        f: Config.__dataclass_fields__[f].default for f in EIMF_FIELDS})
 
 def esim_identity(cfg, ecfg):
     """What decides an ESIM's output: its backbone run, its resolved config, and for the llm
@@ -1579,7 +1582,8 @@ def finished(out, quiet=False, _warned=set()):
                 if other and other not in _warned:
                     _warned.add(other)
                     log(f"warning: reusing runs made by other {kind} ({other} vs {mine} now), e.g. "
-                        f"{out}; `train --force` or a fresh --out_dir remakes them")
+                        f"{out}; `train --force`, `esim --force` or a fresh --out_dir remakes "
+                        "them")
             log(f"reusing {what} {out}")
             return record
     return None
@@ -1607,7 +1611,8 @@ def write_json(path, obj):
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # an interrupt after the replace
+            os.unlink(tmp)
         raise
 
 def save_atomic(state, path):
@@ -1660,6 +1665,8 @@ def gain_interval(backbone, eimf):
     is unknown and left out. -> (gain %, low %, high %)."""
     backbone, eimf = np.asarray(backbone, dtype=np.float64), np.asarray(eimf, dtype=np.float64)
     (seeds, users), base, diff = backbone.shape, backbone.mean(0), (eimf - backbone).mean(0)
+    if users < 2 or not backbone.mean(1).all():  # no relative gain over a backbone scoring 0
+        return math.nan, math.nan, math.nan
     gain = diff.mean() / base.mean()
     var_users = np.var(diff - gain * base, ddof=1) / users / base.mean() ** 2
     per_seed = (eimf - backbone).mean(1) / backbone.mean(1)                     # (S,)
@@ -1718,7 +1725,7 @@ def table_runs(cfg, ecfg, rows, seeds, given):
             if eimf:
                 b = backbone_config(c, e)
                 stages["backbones"][run_dir(b)] = ("train", b, None)
-                stages["ESIMs"][esim_dir(c, e)] = ("esim", dataclasses.replace(c, eimf=""), e)
+                stages["ESIMs"][esim_dir(c, e)] = ("esim", b, e)
             stages["EIMF runs" if eimf else "backbones"][runs[label][-1]] = ("train", c, e)
     return runs, stages
 
@@ -1727,23 +1734,26 @@ def make_run(job):
     command, cfg, ecfg = job
     try:
         run_esim(cfg, ecfg) if command == "esim" else train(cfg, ecfg)
-    except (SystemExit, DataError, LLMError, TrainingError, OSError) as e:
-        return str(e) if str(e).startswith("error:") else f"error: {e}", []
+    except (SystemExit, *USER_ERRORS) as e:
+        return error_line(e), []
     return None, []
 
 def worker_run(job):
     """make_run in a worker process of one torch thread: its lines go to the run's log.txt, and
-    its warnings back to the parent."""
+    its warnings back to the parent. Ctrl-C ends the worker (not only its run)."""
     torch.set_num_threads(1)
     with io.StringIO() as lines, contextlib.redirect_stdout(lines):
-        error, _ = make_run(job)
+        try:
+            error, _ = make_run(job)
+        except KeyboardInterrupt:  # the run recorded it; take no next run
+            os._exit(130)
         return error, [w for w in lines.getvalue().splitlines() if w.startswith("warning:")]
 
 def make_stage(stage, jobs, workers):
     """Make the unfinished runs of one stage, one after another in this process (workers 1) or in
-    `workers` processes of one thread each, with one progress line. SystemExit for a failed run
-    (the others of the stage are finished first)."""
-    todo = [job for out, job in jobs.items() if not finished(out)]
+    `workers` processes of one thread each, with one progress line. SystemExit naming the failed
+    runs once the others of the stage are made."""
+    todo = {out: job for out, job in jobs.items() if not finished(out)}
     log(f"== {stage}: {len(todo)} to make, {len(jobs) - len(todo)} finished")
     if not todo:
         return
@@ -1751,30 +1761,36 @@ def make_stage(stage, jobs, workers):
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     try:
-        results = (f.result() for f in concurrent.futures.as_completed(
-            [pool.submit(worker_run, job) for job in todo])) if pool else map(make_run, todo)
-        for done, (error, warnings) in enumerate(results, 1):
-            errors += [error] if error else []
+        futures = {pool.submit(worker_run, job): out for out, job in todo.items()} if pool else {}
+        results = ((futures[f], f.result()) for f in concurrent.futures.as_completed(futures)) \
+            if pool else ((out, make_run(job)) for out, job in todo.items())
+        for done, (out, (error, warnings)) in enumerate(results, 1):
+            errors += [f"{out}: {error}"] if error else []
             if pool:
                 if warnings:  # below the progress line, which goes on under them
                     print("\n" + "\n".join(warnings))
                 left = (len(todo) - done) * (time.time() - t0) / done
-                print(f"\r  {stage}: {done}/{len(todo)} made ({workers} at once), {len(errors)} "
+                print(f"\r  {stage}: {done}/{len(todo)} ended ({workers} at once), {len(errors)} "
                       f"failed, ETA {left / 60:.0f} min   ", end="" if done < len(todo) else "\n",
                       flush=True)
+    except concurrent.futures.process.BrokenProcessPool:
+        raise SystemExit(f"error: a worker of stage '{stage}' ended without a word (Ctrl-C, or "
+                         "killed: out of memory?); run again to resume, or lower --jobs")
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
     if errors:
-        raise SystemExit(errors[0] + f" (and {len(errors) - 1} more failed runs)" * (
-            len(errors) > 1))
+        raise SystemExit("\n".join(errors))
 
 def plan_line(command, cfg, ecfg):
-    """The bimi.py command line that makes one run: the options that differ from the defaults."""
+    """The bimi.py command line that makes one run: the options that differ from the defaults,
+    and the folders, absolute (a scheduler may start it anywhere)."""
     words = [command]
     for obj, default in ((cfg, Config()), (ecfg, EsimConfig())):
         for key, value in dataclasses.asdict(obj).items() if obj else ():
-            if value != getattr(default, key) and not (command == "train" and key == "backend"):
+            if key in ("data_dir", "out_dir", "cache_dir"):
+                words += [f"--{key}", os.path.abspath(value)]
+            elif value != getattr(default, key) and not (command == "train" and key == "backend"):
                 words += [f"--{key}"] + [str(value)] * (not isinstance(value, bool))
     return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} " \
         + shlex.join(words)
@@ -1793,17 +1809,21 @@ def reproduce(cfg, ecfg, opts, command_line, given=()):
     models = [m for m in MODELS if m in opts.models.split(",")]
     rows, runs, workers = [], {}, opts.jobs or os.cpu_count()
     more = table_rows(ecfg.backend, models, opts.ablations)
+    if opts.plan:
+        print("# every run of the table, one command each, stage after stage (the runs of a stage "
+              "may run side by side);\n# then the same reproduce without --plan assembles the "
+              "table from the finished runs")
     while more:  # the table's rows, then the controls that its gains ask for
         more_runs, stages = table_runs(cfg, ecfg, more, seeds, given)
-        if opts.plan:
-            print("# every run of the table, one command each, stage after stage (the runs of a "
-                  "stage may run side by side);\n# then the same reproduce without --plan "
-                  "assembles the table from the finished runs")
-            for stage, jobs in stages.items():
-                print(f"# {stage}\n" + "\n".join(plan_line(*job) for job in jobs.values()))
-            return
         for stage, jobs in stages.items():
-            make_stage(stage, jobs, workers)
+            if opts.plan:
+                print(f"# {stage}\n" + "\n".join(plan_line(*job) for job in jobs.values()))
+            else:
+                make_stage(stage, jobs, workers)
+        if opts.plan and not all(finished(out, quiet=True) for jobs in stages.values()
+                                 for out in jobs):
+            return print("# once these are finished, --plan again adds the shuffled-semantics "
+                         "control of any backbone whose gain excludes zero")
         rows, runs = [row for row in ROWS if row in rows or row in more], {**runs, **more_runs}
         results = table_results(ecfg, rows, runs)
         more = [row for row in table_rows(ecfg.backend, models, opts.ablations, models)
@@ -1812,7 +1832,8 @@ def reproduce(cfg, ecfg, opts, command_line, given=()):
         if more:
             log(f"the gain of {', '.join(row[1] for row in more)} + EIMF excludes zero: adding "
                 "its shuffled-semantics control")
-    write_table(cfg, ecfg, opts, models, results, command_line, t0, load0)
+    if not opts.plan:
+        write_table(cfg, ecfg, opts, models, results, command_line, t0, load0)
 
 def table_results(ecfg, rows, runs):
     """Per row: its runs' test metrics (mean and sample std over seeds), epochs, times, ESIMs;
@@ -1870,7 +1891,12 @@ def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
             f"({', '.join(versions)}); a table for a paper should come from one: remake the older "
             "runs (a fresh --out_dir)")
     cuda = resolve_device(cfg.device).type == "cuda"
-    settings = {m: tuned(cfg.dataset, m) for m in models}
+    settings = {}  # what the runs used: tuned, or typed
+    for r in results:
+        used = read_json(r["runs"][0], "config.json")["config"]
+        settings.setdefault(r["model"], {}).update(
+            {k: used[k] for k in ("lr", *("lambda_align", "lambda_pred") * r["eimf"])
+             if k not in settings.get(r["model"], {})})
     meta = {"dataset": cfg.dataset, "protocol": cfg.protocol, "seeds": seeds,
             "backend": ecfg.backend,
             "chat_model": ecfg.chat_model if ecfg.backend == "llm" else None,
@@ -1889,11 +1915,11 @@ def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
     write_json(f"results/{name}.json", {"meta": meta, "rows": results, "popularity": popularity})
     backend = "LLM " + ecfg.chat_model if ecfg.backend == "llm" else \
         "categories (no LLM: category paths)"
-    over = f"mean ± sample std over seeds 1-{seeds}" if seeds > 1 else \
-        "seed 1 (one seed: no seed spread, and the intervals leave out seed noise)"
+    over = f"mean ± sample std over seeds 1-{seeds}" if seeds > 1 else "seed 1"
+    noise = "users and seeds" if seeds > 1 else "users only (one seed: seed noise left out)"
     lines = [f"{cfg.dataset}, protocol {cfg.protocol}, full ranking, test split, {over}; EIMF "
              f"backend: {backend}; gain: relative to the backbone, with a 95 % interval over "
-             "users and seeds", "", "| row | " + " | ".join(TABLE_METRICS) + " | gain R@20 "
+             f"{noise}", "", "| row | " + " | ".join(TABLE_METRICS) + " | gain R@20 "
              "[95 % CI] | gain N@20 [95 % CI] | epochs (best/run) |", "|---" * 10 + "|"]
     for r in results:
         cells = [f"{m:.4f} ± {s:.4f}" if seeds > 1 else f"{m:.4f}"
@@ -1907,16 +1933,15 @@ def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
     lines.append("Gains whose interval excludes zero: " + ("; ".join(apart) or "none") + ".")
     for r in (r for r in results if "contrast" in r):
         c = r["contrast"]
+        real = next(x["gain_pct"] for x in results if x["row"] == f"{r['model']} + EIMF")
+        why = verdict(real, {m: c[m] for m in GAIN_METRICS}) if "shuffled" in c["what"] else ""
         lines.append(f"{r['model']}, {c['what']}: R@20 {interval_text(c['recall@20'])}, N@20 "
-                     f"{interval_text(c['ndcg@20'])}" + (verdict(c["recall@20"]) if r["row"]
-                                                          .endswith("shuffled semantics") else "")
-                     + ".")
+                     f"{interval_text(c['ndcg@20'])}{why}.")
     lines += [f"{r['row']}: ESIM gave interests to " + ", ".join(  # a weak LLM's failures count
         f"{e['parsed']} of {e['typical_users']}" for e in {e["dir"]: e for e in r["esim"]}.values())
         + " typical users." for r in results if r["backend"] == "llm"]
-    lines.append("Settings from validation (README: Tuning): " + "; ".join(
-        f"{m} " + ", ".join(f"{k} {v:g}" for k, v in s.items()) for m, s in settings.items())
-        + ".")
+    lines.append("Settings (README: Tuning; TUNED unless typed): " + "; ".join(
+        f"{m} " + ", ".join(f"{k} {v}" for k, v in s.items()) for m, s in settings.items()) + ".")
     lines.append("ESIM: one per EIMF row and seed, on that seed's backbone." if not ecfg.esim_seed
                  else f"ESIM: one per EIMF row, on seed {ecfg.esim_seed}'s backbone" + (
                      ", shared by every seed (the seed spread leaves out ESIM's variance)."
@@ -1929,7 +1954,8 @@ def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
                f"load {min(m['load'] for m in made):.1f}-{max(m['load'] for m in made):.1f}"
                if made else "the runs' threads and load were not recorded (older code)")
     lines.append(f"Made by `{command_line}` on {meta['date']}: {meta['machine']}, "
-                 f"{meta['jobs']} run(s) at once, load average {load0:.1f} at the start and "
+                 f"up to {meta['jobs']} runs at once in this invocation, load average "
+                 f"{load0:.1f} at the start and "
                  f"{meta['load_average'][1]:.1f} at the end; {meta['total_s']:.0f} s for this "
                  f"invocation; {trained}; the runs took {meta['runs_s']:.0f} s to train, ESIM "
                  f"included, one after another; {made_by}.")
@@ -1938,14 +1964,20 @@ def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
     print("\n".join(lines))
 
 def interval_text(g):
+    if math.isnan(g["gain"]):
+        return "n/a (a backbone seed scores 0)"
     return f"{g['gain']:+.1f} % [{g['ci95'][0]:+.1f}, {g['ci95'][1]:+.1f}]"
 
-def verdict(real_over_shuffled):
-    if not excludes_zero(real_over_shuffled):
+def verdict(real, contrast):
+    """What the shuffled-semantics control says of the real row's gain (both metrics)."""
+    if not any(excludes_zero(g) and g["gain"] > 0 for g in real.values()):
+        return ": EIMF has no gain here for the semantics to explain"
+    if any(excludes_zero(g) and g["gain"] > 0 for g in contrast.values()):
+        return ": the real semantics beat shuffled ones"
+    if all(g["gain"] <= 0 for g in contrast.values()):
         return ": the shuffled control gains as much as the real row, so the gain is not from " \
             "the semantics"
-    return ": the real semantics beat shuffled ones" if real_over_shuffled["gain"] > 0 else \
-        ": shuffled semantics do better than the real ones"
+    return ": the real row's edge over the shuffled control is within noise"
 
 def bench_one(cfg, steps=0):
     """One JSON line: seconds per training step over the first `steps` steps of an epoch (0: all;
@@ -2012,11 +2044,12 @@ ZERO_ALLOWED = ("esim_seed", "max_failed", "max_retries", "min_len", "retry_wait
 ANY_SIGN = ("seed", "split_seed")
 EXPECTS = {"max_failed": "a share of the typical users, from 0 to 1",
            "models": f"backbones from {', '.join(MODELS)}, comma-separated (e.g. comirec-sa,remi)"}
-OPTION_OF = {"force": ("train",), "seeds": ("reproduce",), "models": ("reproduce",),
+OPTION_OF = {"force": ("train", "esim"), "seeds": ("reproduce",), "models": ("reproduce",),
              "ablations": ("reproduce",), "jobs": ("reproduce",), "plan": ("reproduce",),
              "bench_steps": ("bench", "_bench_one")}
 SET_PER_ROW = {"model": "--models LIST", "seed": "--seeds N",  # reproduce sets these per row
-               "eimf": "--backend (the EIMF rows' backend)"}
+               "eimf": "--backend (the EIMF rows' backend)", "shuffle": "its control rows",
+               "typical": "its random-users row (--ablations 1)"}
 
 def parse_value(key, text, default):
     """Option --key's value from its text: of the default's type, in its range, ASCII digits only
@@ -2097,6 +2130,19 @@ USAGE = ("usage: python bimi.py COMMAND [--key value ...]   (COMMAND --help list
          + "\nEvery field of Config and EsimConfig is an option, as --key value or --key=value,"
          " e.g.\n  .venv/bin/python bimi.py train --dataset beauty --seed 1 --lr=0.003\n")
 
+USER_ERRORS = (DataError, LLMError, TrainingError, OSError, MemoryError, RuntimeError)
+
+def error_line(e):
+    """The one line a user sees for an error of theirs (data, options, an endpoint, a folder or a
+    full disk, memory). A RuntimeError other than torch's out-of-memory is a bug: raised."""
+    if isinstance(e, (MemoryError, RuntimeError)):
+        if not isinstance(e, MemoryError) and not re.search(
+                r"out of memory|can't allocate memory", str(e)):
+            raise e
+        return (f"error: out of memory ({str(e).splitlines()[0][:200]}): lower --batch_size, "
+                "--eval_batch or --negatives, or --jobs")
+    return str(e) if str(e).startswith("error:") else f"error: {e}"
+
 def answering(ecfg):
     """SystemExit before any training when an endpoint the run will ask does not answer at all
     (a wrong port: found now, not after the backbones have trained)."""
@@ -2142,7 +2188,7 @@ def main(argv=None):
         elif command == "train":
             train(cfg, ecfg, force=opts.force)
         elif command == "esim":
-            run_esim(cfg, ecfg)
+            run_esim(cfg, ecfg, force=opts.force)
         elif command == "bench":
             bench(cfg, ecfg, opts, args)
         elif command == "_bench_one":
@@ -2155,8 +2201,8 @@ def main(argv=None):
                       + shlex.join(argv), {a.partition("=")[0][2:].replace("-", "_") for a in args})
     except BrokenPipeError:
         raise
-    except (DataError, LLMError, TrainingError, OSError) as e:  # OSError: a folder, a full disk
-        raise SystemExit(f"error: {e}")
+    except USER_ERRORS as e:
+        raise SystemExit(error_line(e))
     except KeyboardInterrupt:
         raise SystemExit("interrupted")
 

@@ -353,6 +353,9 @@ def test_unknown_and_mistyped_options_are_errors():
      "--base_url is 'localhost:1': it needs http://"),  # before the data and the backbones, not after
     (["train", "--dataset", "x", "--force", "1"], "'1' is not an option"),  # not the whole argument list
     (["train", "--datset", "beauty"], "unknown option --datset (did you mean --dataset?)"),
+    (["reproduce", "--shuffle"], "reproduce sets --shuffle for each row; use its control rows"),
+    (["reproduce", "--typical", "random"], "reproduce sets --typical for each row"),
+    (["reproduce", "--jobs", "-1"], "--jobs expects a whole number, 0 or more"),
     (["train", "--eimf", "llm", "--base_url", "http://127.0.0.1:9/v1", "--data_dir", "/nonexistent"],
      "nothing answers at http://127.0.0.1:9/v1"),  # a wrong port: before any training
 ])

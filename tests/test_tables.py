@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 
+import numpy as np
 import pytest
 
 import bimi
@@ -29,6 +30,8 @@ def test_plan_prints_every_run_once_and_then_reproduce_makes_none(own_dataset, t
     # the backbone; ESIM and EIMF, real and shuffled-semantics control
     assert [shlex.split(c)[2] for c in commands] == ["train", "esim", "esim", "train", "train"]
     assert sum("--shuffle" in c for c in commands) == 2 and sum("--eimf categories" in c for c in commands) == 2
+    assert not any("--lambda" in c for c in commands if " esim " in c)  # an ESIM has no EIMF weights
+    assert lines[-1].startswith("# once these are finished, --plan again adds")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for c in commands:
         run = subprocess.run(c, shell=True, env=env, capture_output=True, text=True, timeout=300)
@@ -83,3 +86,39 @@ def test_a_run_made_with_another_torch_is_reused_with_one_warning(tmp_path, caps
     out = capsys.readouterr().out
     assert out.count(f"warning: reusing runs made by other torch (1.13.1 vs {bimi.torch.__version__} now)") == 1
     assert out.count("reusing finished run") == 2
+
+
+def test_an_interrupt_after_the_atomic_replace_stays_an_interrupt(tmp_path, monkeypatch):
+    def replace_then_interrupt(src, dst):
+        os.rename(src, dst)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bimi.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        bimi.write_json(str(tmp_path / "metrics.json"), {"status": "done"})
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs():
+    line = bimi.error_line(RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: "
+                                        "can't allocate memory: you tried to allocate 4000000000000 bytes."))
+    assert line.startswith("error: out of memory (") and "--batch_size" in line
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bimi.error_line(RuntimeError("shape mismatch"))
+
+
+def test_a_backbone_scoring_zero_gives_no_gain_and_no_warning(recwarn):
+    zero, some = np.zeros((2, 50)), np.ones((2, 50))
+    assert all(np.isnan(bimi.gain_interval(zero, some)))
+    assert bimi.interval_text(dict(zip(("gain", "ci95"), (np.nan, [np.nan, np.nan])))).startswith("n/a")
+    assert not recwarn.list
+
+
+@pytest.mark.parametrize("real, contrast, says", [
+    ((+5, [+2, +8]), (+4, [+1, +7]), "the real semantics beat shuffled ones"),
+    ((+5, [+2, +8]), (-1, [-4, +2]), "the gain is not from the semantics"),
+    ((+5, [+2, +8]), (+2, [-1, +5]), "within noise"),
+    ((-5, [-8, -2]), (+3, [-1, +7]), "no gain here for the semantics to explain"),
+])
+def test_the_controls_verdict(real, contrast, says):
+    as_metrics = lambda g: {m: {"gain": g[0], "ci95": g[1]} for m in bimi.GAIN_METRICS}
+    assert says in bimi.verdict(as_metrics(real), as_metrics(contrast))
