@@ -1807,7 +1807,8 @@ def reproduce(cfg, ecfg, opts, command_line, given=()):
     over the tuned settings)."""
     t0, load0, seeds = time.time(), os.getloadavg()[0], opts.seeds
     models = [m for m in MODELS if m in opts.models.split(",")]
-    rows, runs, workers = [], {}, opts.jobs or os.cpu_count()
+    opts = dataclasses.replace(opts, jobs=opts.jobs or os.cpu_count())  # 0: one per core
+    rows, runs = [], {}
     more = table_rows(ecfg.backend, models, opts.ablations)
     if opts.plan:
         print("# every run of the table, one command each, stage after stage (the runs of a stage "
@@ -1819,7 +1820,7 @@ def reproduce(cfg, ecfg, opts, command_line, given=()):
             if opts.plan:
                 print(f"# {stage}\n" + "\n".join(plan_line(*job) for job in jobs.values()))
             else:
-                make_stage(stage, jobs, workers)
+                make_stage(stage, jobs, opts.jobs)
         if opts.plan and not all(finished(out, quiet=True) for jobs in stages.values()
                                  for out in jobs):
             return print("# once these are finished, --plan again adds the shuffled-semantics "
@@ -1842,6 +1843,7 @@ def table_results(ecfg, rows, runs):
     results, by_label = [], {}
     for label, model, eimf, _, esim_overrides, _ in rows:
         records = [read_json(run, "metrics.json") for run in runs[label]]
+        used = read_json(runs[label][0], "config.json")["config"]  # tuned, or typed
         tests = [rec["test"] for rec in records]
         esims = [read_json(run, "config.json")["esim_dir"] for run in runs[label]] if eimf else []
         by_label[label] = r = {
@@ -1853,6 +1855,9 @@ def table_results(ecfg, rows, runs):
             "epochs": [f"{rec['best_epoch']}/{len(rec['epochs'])}" + " cap" * (  # hit --max_epochs
                 rec.get("stopped_by") == "epoch cap") for rec in records],
             "runs_s": sum(rec["total_s"] for rec in records),
+            "made": [rec.get("made") for rec in records],  # provenance, per run
+            "code": [rec.get("code") for rec in records],
+            "settings": {k: used[k] for k in ("lr", *("lambda_align", "lambda_pred") * eimf)},
             "esim": [{"dir": d, **{k: read_json(d, "summary.json")[k] for k in (
                 "typical_users", "parsed", "failures", "seconds")}} for d in esims] or None}
         results.append(r)
@@ -1876,13 +1881,14 @@ def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
     """results/<table_name>.md and .json: the rows, the intervals that exclude zero, the
     contrasts, the tuned settings and the provenance (README: The table)."""
     seeds, versions, made, esim_s = opts.seeds, {}, [], {}
+    settings = {}  # what the runs used, per backbone (tuned, or typed)
     for r in results:
-        for rec in (read_json(run, "metrics.json") for run in r["runs"]):
-            made += [rec["made"]] if "made" in rec else []  # where each run was trained
-            code = rec.get("code") or {}  # one code version = one bimi.py (and one torch)
+        made += [m for m in r["made"] if m]  # where each run was trained
+        for code in (c or {} for c in r["code"]):  # one code version = one bimi.py and torch
             versions.setdefault(code.get("bimi_sha256", "unrecorded"), set()).add(
                 f"git {code.get('git') or 'none'}, torch {code.get('torch', 'unrecorded')}")
         esim_s.update((e["dir"], e["seconds"]) for e in r["esim"] or [])  # seeds may share one
+        settings[r["model"]] = {**r["settings"], **settings.get(r["model"], {})}
     data = load_dataset(cfg.data_dir, cfg.dataset)
     popularity = popularity_metrics(make_split(data, cfg.protocol, cfg.max_len, cfg.split_seed),
                                     data.n_items)
@@ -1891,18 +1897,12 @@ def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
             f"({', '.join(versions)}); a table for a paper should come from one: remake the older "
             "runs (a fresh --out_dir)")
     cuda = resolve_device(cfg.device).type == "cuda"
-    settings = {}  # what the runs used: tuned, or typed
-    for r in results:
-        used = read_json(r["runs"][0], "config.json")["config"]
-        settings.setdefault(r["model"], {}).update(
-            {k: used[k] for k in ("lr", *("lambda_align", "lambda_pred") * r["eimf"])
-             if k not in settings.get(r["model"], {})})
     meta = {"dataset": cfg.dataset, "protocol": cfg.protocol, "seeds": seeds,
             "backend": ecfg.backend,
             "chat_model": ecfg.chat_model if ecfg.backend == "llm" else None,
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
                        + (f"CUDA {torch.cuda.get_device_name()}" if cuda else "CPU"),
-            "threads": torch.get_num_threads(), "jobs": opts.jobs or os.cpu_count(),
+            "threads": torch.get_num_threads(), "jobs": opts.jobs,
             "command": command_line, "date": time.strftime("%F"),
             "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)],
             "total_s": round(time.time() - t0, 1),
