@@ -1684,10 +1684,17 @@ def table_rows(backend, models, ablations, controls=("comirec-sa",)):
     return [row for row in ROWS if row[1] in models and (row[5] in wanted or row[5] == "control"
                                                          and row[1] in controls)]
 
-def table_name(dataset, backend, models, ablations):
-    """A table's file name under results/: a partial table never overwrites the whole one."""
-    return (dataset + "-llm" * (backend == "llm") + ("-" + "+".join(models)) * (list(models) !=
-            list(MODELS)) + "-no-ablations" * (not ablations and "comirec-sa" in models))
+def table_name(cfg, ecfg, opts, given):
+    """A table's file name under results/: the dataset, then each typed option (`given`) that
+    changes the table, as key=value; results/beauty.md is the default table, and no table
+    overwrites another."""
+    models = ",".join(m for m in MODELS if m in opts.models.split(","))
+    now = {**vars(cfg), **vars(ecfg), "seeds": opts.seeds, "models": models,
+           "ablations": opts.ablations}
+    default = {**vars(Config()), **vars(EsimConfig()), **vars(CommandOptions())}
+    typed = sorted(k for k in given if k in now and k not in NOT_IDENTITY + ("dataset",)
+                   and now[k] != default[k])
+    return "-".join([cfg.dataset] + [f"{k}={now[k]}".replace("/", "_") for k in typed])
 
 def prepare_data(cfg):
     """The processed dataset, made by data_prep.py when data_dir/dataset/ has none; SystemExit with
@@ -1834,7 +1841,8 @@ def reproduce(cfg, ecfg, opts, command_line, given=()):
             log(f"the gain of {', '.join(row[1] for row in more)} + EIMF excludes zero: adding "
                 "its shuffled-semantics control")
     if not opts.plan:
-        write_table(cfg, ecfg, opts, models, results, command_line, t0, load0)
+        write_table(cfg, ecfg, opts, table_name(cfg, ecfg, opts, given), results, command_line, t0,
+                    load0)
 
 def table_results(ecfg, rows, runs):
     """Per row: its runs' test metrics (mean and sample std over seeds), epochs, times, ESIMs;
@@ -1877,8 +1885,8 @@ def table_results(ecfg, rows, runs):
                              **{m: gain(r["row"], partner, m) for m in GAIN_METRICS}}
     return results
 
-def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
-    """results/<table_name>.md and .json: the rows, the intervals that exclude zero, the
+def write_table(cfg, ecfg, opts, name, results, command_line, t0, load0):
+    """results/<name>.md and .json: the rows, the intervals that exclude zero, the
     contrasts, the tuned settings and the provenance (README: The table)."""
     seeds, versions, made, esim_s = opts.seeds, {}, [], {}
     settings = {}  # what the runs used, per backbone (tuned, or typed)
@@ -1910,7 +1918,6 @@ def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
             "code_versions": {sha: sorted(v) for sha, v in sorted(versions.items())},
             "tuned": settings, "esim_seed": ecfg.esim_seed,
             "interval": "95 %, users and seeds (README: The table)"}
-    name = table_name(cfg.dataset, ecfg.backend, models, opts.ablations)
     os.makedirs("results", exist_ok=True)
     write_json(f"results/{name}.json", {"meta": meta, "rows": results, "popularity": popularity})
     backend = "LLM " + ecfg.chat_model if ecfg.backend == "llm" else \
@@ -1961,7 +1968,7 @@ def write_table(cfg, ecfg, opts, models, results, command_line, t0, load0):
                  f"included, one after another; {made_by}.")
     with open(f"results/{name}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines) + f"\n\nwritten: results/{name}.md and .json")
 
 def interval_text(g):
     if math.isnan(g["gain"]):
@@ -2198,7 +2205,8 @@ def main(argv=None):
             resolve_device(cfg.device)
             prepare_data(cfg)
             reproduce(cfg, ecfg, opts, os.environ.get("BIMI_COMMAND") or "python bimi.py "
-                      + shlex.join(argv), {a.partition("=")[0][2:].replace("-", "_") for a in args})
+                      + shlex.join(argv), {a.partition("=")[0][2:].replace("-", "_") for a in args
+                                                        if a.startswith("--")})
     except BrokenPipeError:
         raise
     except USER_ERRORS as e:

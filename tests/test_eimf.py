@@ -142,7 +142,7 @@ def test_reproduce_demo_end_to_end_and_second_call_reuses_everything(tmp_path):
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "categories backend" in first.stdout
-    result = json.load(open(tmp_path / "results" / "synthetic.json"))
+    result = json.load(open(tmp_path / "results" / "synthetic-max_epochs=5-seeds=2.json"))
     rows = [r["row"] for r in result["rows"]]
     first = [row[0] for row in bimi.table_rows("categories", bimi.MODELS, True)]
     assert [row for row in rows if row in first] == first
@@ -166,7 +166,7 @@ def test_reproduce_demo_end_to_end_and_second_call_reuses_everything(tmp_path):
                 gain = r["gain_pct"][m]
                 assert gain["gain"] == pytest.approx(100 * (r["mean_std"][m][0] - base) / base)
                 assert gain["ci95"][0] <= gain["gain"] <= gain["ci95"][1]
-    table = open(tmp_path / "results" / "synthetic.md").read()
+    table = open(tmp_path / "results" / "synthetic-max_epochs=5-seeds=2.md").read()
     assert all(row in table for row in rows) and "[95 % CI]" in table
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0
@@ -184,7 +184,7 @@ def test_reproduce_sh_runs_a_users_own_dataset_by_name(own_dataset, tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "typical users are 33 % of the 60 training users" in run.stdout
-    table = (tmp_path / "results" / "ml-comirec-sa-no-ablations.md").read_text()
+    table = (tmp_path / "results" / "ml-ablations=0-clusters=5-max_epochs=1-models=comirec-sa-seeds=1.md").read_text()
     assert "| comirec-sa + EIMF |" in table and "bash reproduce.sh ml --data_dir" in table
 
 

@@ -399,12 +399,20 @@ def test_each_commands_help_names_that_command(command, capsys):
     assert what.strip() and what.strip().split()[0] in bimi.USAGE.split(f"\n  {command} ")[1]  # its line of --help
 
 
-def test_a_partial_table_never_takes_the_whole_tables_file():
-    names = {bimi.table_name("beauty", backend, models, ablations) for backend in ("categories", "llm")
-             for models in (bimi.MODELS, ["comirec-sa"], ["mind", "remi"]) for ablations in (True, False)}
-    assert len(names) == 10  # 2 backends x (all+ablations, all, sa+ablations, sa, mind+remi with or without)
-    assert bimi.table_name("beauty", "categories", bimi.MODELS, True) == "beauty"
-    assert bimi.table_name("beauty", "llm", ["comirec-sa"], False) == "beauty-llm-comirec-sa-no-ablations"
+def test_no_table_overwrites_another():
+    def name(*args):  # the file name of `reproduce --dataset beauty ARGS`, as main types it
+        cfg, ecfg, opts = bimi.parse_overrides(["--dataset", "beauty", *args], bimi.Config(), bimi.EsimConfig(),
+                                               bimi.CommandOptions(), command="reproduce")
+        return bimi.table_name(cfg, ecfg, opts, {a.partition("=")[0][2:] for a in args if a.startswith("--")})
+    assert name() == name("--seeds", "3", "--jobs", "2", "--data_dir", "x", "--embedder", "hash") == "beauty"
+    variants = [(), ("--seeds", "1"), ("--seeds", "2"), ("--models", "comirec-sa"), ("--models", "mind,remi"),
+                ("--ablations", "0"), ("--models", "comirec-sa", "--ablations", "0"), ("--lr", "0.003"),
+                ("--lambda_align=0.05",), ("--backend", "llm"), ("--backend", "llm", "--esim_seed", "1"),
+                ("--backend", "llm", "--chat_model", "Qwen/Qwen2.5-7B")]
+    names = [name(*v) for v in variants]
+    assert len(set(names)) == len(names)
+    assert name("--models", "remi,mind") == "beauty-models=mind,remi"
+    assert name("--backend", "llm", "--chat_model", "Qwen/Qwen2.5-7B") == "beauty-backend=llm-chat_model=Qwen_Qwen2.5-7B"
 
 
 def test_table_rows_follow_models_ablations_and_backend():

@@ -51,7 +51,7 @@ def test_parallel_workers_give_the_numbers_of_one_process(own_dataset, tmp_path,
         bimi.main(table_args(own_dataset, f"runs{jobs}", "--seeds", "2", "--jobs", jobs))
         out = capsys.readouterr().out
         assert ("(2 at once)" in out) == (jobs == "2") and "== EIMF runs: 4 to make" in out
-        tables.append(json.load(open("results/ml-comirec-sa-no-ablations.json")))
+        tables.append(json.load(open("results/ml-ablations=0-clusters=5-max_epochs=2-models=comirec-sa-seeds=2.json")))
     for parallel, serial in zip(*(t["rows"] for t in tables)):
         assert parallel["row"] == serial["row"] and parallel["tests"] == serial["tests"]
         assert parallel.get("gain_pct") == serial.get("gain_pct")
