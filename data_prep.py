@@ -2,7 +2,7 @@
 Download and process the benchmark datasets into bimi's format.
 
     python data_prep.py beauty|sports|toys|yelp|synthetic [--out data] [--raw-dir DIR]
-    python data_prep.py synthetic --users 100000 --items 367982 --out /tmp/books   # Books-size catalogue
+    python data_prep.py synthetic --users 100000 --items 367982 --out /tmp/books  # Books-size
 
 Writes <out>/<dataset>/sequences.txt (one line per user: `user_id item_id item_id ...`, oldest
 first, ids from 1) and items.jsonl (`{"item_id", "asin", "title", "categories"}` per item).
@@ -70,7 +70,7 @@ def download(url_names, dest):
                 done, t0, last, head = 0, time.time(), 0.0, b""
                 with open(part, "wb") as f:
                     for chunk in r.iter_content(1 << 20):
-                        if len(head) < len(GZIP_MAGIC):  # a 200 answer can still be a web page, not the file
+                        if len(head) < len(GZIP_MAGIC):  # a 200 answer can be a web page
                             head += chunk[:16]
                             if len(head) >= len(GZIP_MAGIC) and not head.startswith(GZIP_MAGIC):
                                 raise IOError(not_gzip(r, head))
@@ -80,13 +80,14 @@ def download(url_names, dest):
                             last = time.time()
                             rate = done / max(last - t0, 1e-9) / 1e6
                             of = f" of {total / 1e6:.1f}" if total else ""
-                            print(f"\r  {os.path.basename(dest)}: {done / 1e6:.1f}{of} MB, {rate:.1f} MB/s",
-                                  end="", flush=True)
+                            print(f"\r  {os.path.basename(dest)}: {done / 1e6:.1f}{of} MB, "
+                                  f"{rate:.1f} MB/s", end="", flush=True)
                 if total and done != total:
                     raise IOError(f"connection closed after {done} of {total} bytes")
                 if len(head) < len(GZIP_MAGIC):
                     raise IOError(not_gzip(r, head))
-            print(f"\r  {os.path.basename(dest)}: {done / 1e6:.1f} MB in {time.time() - t0:.0f} s" + " " * 20)
+            print(f"\r  {os.path.basename(dest)}: {done / 1e6:.1f} MB in "
+                  f"{time.time() - t0:.0f} s" + " " * 20)
             os.replace(part, dest)
             return dest
         except (requests.RequestException, IOError) as e:
@@ -102,7 +103,8 @@ def download(url_names, dest):
 def not_gzip(response, head):
     """Why a download is refused, from the Content-Type and the first bytes of the body."""
     kind = response.headers.get("Content-Type", "no Content-Type")
-    return f"answered with {kind} starting {head!r}, not gzip data (the link has moved or a web page answered)"
+    return (f"answered with {kind} starting {head!r}, not gzip data (the link has moved or a web "
+            "page answered)")
 
 
 # -----------------------------------------------------------------------------
@@ -128,8 +130,9 @@ def read_lines(path, parse):
                 try:
                     yield line_no, parse(line)
                 except (ValueError, SyntaxError) as e:
-                    raise PrepError(f"{path}:{line_no}: malformed record ({type(e).__name__}: {e}); "
-                                    "the file is damaged: delete it and download it again") from None
+                    raise PrepError(f"{path}:{line_no}: malformed record ({type(e).__name__}: "
+                                    f"{e}); the file is damaged: delete it and download it "
+                                    "again") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise PrepError(f"{path}: truncated or corrupt gzip after line {line_no} ({e}); "
                         "delete it and run again to download a fresh copy") from None
@@ -205,17 +208,18 @@ def read_yelp(raw_dir):
     for line_no, r in read_lines(review_path, json.loads):
         try:
             user, item, date = r["user_id"], r["business_id"], r["date"]
-            kept = YELP_SINCE <= date <= YELP_UNTIL  # "YYYY-MM-DD HH:MM:SS" strings compare as times
+            kept = YELP_SINCE <= date <= YELP_UNTIL  # "YYYY-MM-DD HH:MM:SS" compare as times
         except (KeyError, TypeError) as e:
-            raise PrepError(f"{review_path}:{line_no}: review lacks user_id/business_id/date ({e})") from None
+            raise PrepError(f"{review_path}:{line_no}: review lacks user_id/business_id/date "
+                            f"({e})") from None
         if kept:
             rows.append((user, item, date, line_no))
         elif date > latest:
             latest = date
     if not rows:
-        raise PrepError(f"{review_path}: no review dated {YELP_SINCE} to {YELP_UNTIL}, the benchmark's year "
-                        f"(the latest review here is {latest or 'none'}); use a Yelp Open Dataset release "
-                        "that covers 2019 (https://www.yelp.com/dataset)")
+        raise PrepError(f"{review_path}: no review dated {YELP_SINCE} to {YELP_UNTIL}, the "
+                        f"benchmark's year (the latest review here is {latest or 'none'}); use a "
+                        "Yelp Open Dataset release that covers 2019 (https://www.yelp.com/dataset)")
     wanted = {r[1] for r in rows}
     meta = {}
     for line_no, b in read_lines(business_path, json.loads):
@@ -223,7 +227,8 @@ def read_yelp(raw_dir):
             try:
                 cats = yelp_categories(b.get("categories"))
             except ValueError as e:
-                raise PrepError(f"{business_path}:{line_no}: {e}; is this a Yelp business file?") from None
+                raise PrepError(f"{business_path}:{line_no}: {e}; is this a Yelp business "
+                                "file?") from None
             meta[b["business_id"]] = (html.unescape(b.get("name") or "").strip(), cats)
     return rows, meta
 
@@ -253,7 +258,8 @@ def build(rows, meta, source, dedupe):
     Each user's items are in time order; `dedupe` keeps only the earliest review of a repeated
     (user, item) pair (Amazon), otherwise repeat visits stay (Yelp). Then the 5-core filter. As in
     the S3-Rec/P5 processing, users are numbered by their first line in the file and items by first
-    appearance along the users' sequences. PrepError when nothing survives or metadata is missing."""
+    appearance along the users' sequences. PrepError when nothing survives or metadata is
+    missing."""
     user_rank = {}
     for r in rows:
         user_rank.setdefault(r[0], len(user_rank))
@@ -292,7 +298,8 @@ def write_dataset(out_dir, sequences, items):
     """Both files appear together or not at all (temp files + rename)."""
     os.makedirs(out_dir, exist_ok=True)
     texts = {
-        "sequences.txt": "".join(f"{u} " + " ".join(map(str, s)) + "\n" for u, s in enumerate(sequences, 1)),
+        "sequences.txt": "".join(f"{u} " + " ".join(map(str, s)) + "\n"
+                                 for u, s in enumerate(sequences, 1)),
         "items.jsonl": "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items),
     }
     temps = {}
@@ -316,42 +323,64 @@ def summary(name, sequences, items):
     n_inter = sum(lengths)
     untitled = sum(1 for it in items if not it["title"])
     print(f"{name}: {len(sequences):,} users, {len(items):,} items, {n_inter:,} interactions; "
-          f"length min {lengths[0]} / mean {n_inter / len(lengths):.2f} / median {lengths[len(lengths) // 2]}"
-          f" / max {lengths[-1]}; {untitled} untitled items")
+          f"length min {lengths[0]} / mean {n_inter / len(lengths):.2f} / median "
+          f"{lengths[len(lengths) // 2]} / max {lengths[-1]}; {untitled} untitled items")
     known = KNOWN_SIZES.get(name)
     if known and known != (len(sequences), len(items), n_inter):
         print(f"WARNING: the benchmark's known size is {known[0]:,} users, {known[1]:,} items, "
-              f"{known[2]:,} interactions; these files differ, so results are not comparable with papers")
+              f"{known[2]:,} interactions; these files differ, so results are not comparable "
+              "with papers")
 
 
 # -----------------------------------------------------------------------------
 # synthetic: planted topics with real-looking text, the offline demo and the test fixture
 
 TOPICS = [  # (category path, title nouns)
-    (["Beauty", "Makeup", "Nails", "Nail Polish"], ["Nail Lacquer", "Gel Polish", "Top Coat", "Nail Enamel"]),
-    (["Beauty", "Makeup", "Eyes", "Mascara"], ["Volume Mascara", "Lash Primer", "Waterproof Mascara", "Lash Serum"]),
-    (["Beauty", "Makeup", "Lips", "Lipstick"], ["Matte Lipstick", "Lip Crayon", "Liquid Lipstick", "Lip Tint"]),
-    (["Beauty", "Skin Care", "Face", "Moisturizers"], ["Day Cream", "Night Cream", "Hydrating Gel", "Face Lotion"]),
-    (["Beauty", "Skin Care", "Face", "Cleansers"], ["Foaming Cleanser", "Micellar Water", "Cleansing Oil", "Face Wash"]),
-    (["Beauty", "Skin Care", "Sun", "Sunscreen"], ["Sunscreen SPF 50", "Sun Stick", "Mineral Sunscreen", "Sun Spray"]),
-    (["Beauty", "Hair Care", "Shampoo"], ["Clarifying Shampoo", "Dry Shampoo", "Volumizing Shampoo", "Sulfate Free Shampoo"]),
-    (["Beauty", "Hair Care", "Styling", "Hair Spray"], ["Hair Spray", "Texturizing Spray", "Styling Mousse", "Hair Gel"]),
-    (["Beauty", "Tools & Accessories", "Brushes"], ["Foundation Brush", "Kabuki Brush", "Blending Sponge", "Brush Set"]),
-    (["Beauty", "Fragrance", "Women"], ["Eau de Parfum", "Body Mist", "Perfume Oil", "Eau de Toilette"]),
-    (["Beauty", "Fragrance", "Men"], ["Cologne", "Aftershave", "Eau de Toilette for Men", "Deodorant Stick"]),
-    (["Beauty", "Bath & Body", "Soaps"], ["Bar Soap", "Shower Gel", "Body Wash", "Bath Bomb"]),
-    (["Beauty", "Bath & Body", "Body Lotion"], ["Body Butter", "Body Lotion", "Hand Cream", "Foot Cream"]),
-    (["Beauty", "Makeup", "Face", "Foundation"], ["Liquid Foundation", "BB Cream", "Concealer", "Setting Powder"]),
-    (["Beauty", "Makeup", "Eyes", "Eyeshadow"], ["Eyeshadow Palette", "Eye Pencil", "Liquid Eyeliner", "Brow Gel"]),
-    (["Beauty", "Skin Care", "Treatments", "Serums"], ["Vitamin C Serum", "Retinol Serum", "Hyaluronic Serum", "Acne Spot Gel"]),
-    (["Beauty", "Hair Care", "Hair Color"], ["Hair Dye", "Root Touch Up", "Color Gloss", "Henna Powder"]),
-    (["Beauty", "Shaving", "Razors"], ["Safety Razor", "Razor Blades", "Shaving Cream", "Beard Oil"]),
-    (["Beauty", "Tools & Accessories", "Hair Tools"], ["Flat Iron", "Curling Wand", "Hair Dryer", "Hot Brush"]),
-    (["Beauty", "Oral Care"], ["Whitening Toothpaste", "Electric Toothbrush", "Water Flosser", "Mouthwash"]),
+    (["Beauty", "Makeup", "Nails", "Nail Polish"],
+     ["Nail Lacquer", "Gel Polish", "Top Coat", "Nail Enamel"]),
+    (["Beauty", "Makeup", "Eyes", "Mascara"],
+     ["Volume Mascara", "Lash Primer", "Waterproof Mascara", "Lash Serum"]),
+    (["Beauty", "Makeup", "Lips", "Lipstick"],
+     ["Matte Lipstick", "Lip Crayon", "Liquid Lipstick", "Lip Tint"]),
+    (["Beauty", "Skin Care", "Face", "Moisturizers"],
+     ["Day Cream", "Night Cream", "Hydrating Gel", "Face Lotion"]),
+    (["Beauty", "Skin Care", "Face", "Cleansers"],
+     ["Foaming Cleanser", "Micellar Water", "Cleansing Oil", "Face Wash"]),
+    (["Beauty", "Skin Care", "Sun", "Sunscreen"],
+     ["Sunscreen SPF 50", "Sun Stick", "Mineral Sunscreen", "Sun Spray"]),
+    (["Beauty", "Hair Care", "Shampoo"],
+     ["Clarifying Shampoo", "Dry Shampoo", "Volumizing Shampoo", "Sulfate Free Shampoo"]),
+    (["Beauty", "Hair Care", "Styling", "Hair Spray"],
+     ["Hair Spray", "Texturizing Spray", "Styling Mousse", "Hair Gel"]),
+    (["Beauty", "Tools & Accessories", "Brushes"],
+     ["Foundation Brush", "Kabuki Brush", "Blending Sponge", "Brush Set"]),
+    (["Beauty", "Fragrance", "Women"],
+     ["Eau de Parfum", "Body Mist", "Perfume Oil", "Eau de Toilette"]),
+    (["Beauty", "Fragrance", "Men"],
+     ["Cologne", "Aftershave", "Eau de Toilette for Men", "Deodorant Stick"]),
+    (["Beauty", "Bath & Body", "Soaps"],
+     ["Bar Soap", "Shower Gel", "Body Wash", "Bath Bomb"]),
+    (["Beauty", "Bath & Body", "Body Lotion"],
+     ["Body Butter", "Body Lotion", "Hand Cream", "Foot Cream"]),
+    (["Beauty", "Makeup", "Face", "Foundation"],
+     ["Liquid Foundation", "BB Cream", "Concealer", "Setting Powder"]),
+    (["Beauty", "Makeup", "Eyes", "Eyeshadow"],
+     ["Eyeshadow Palette", "Eye Pencil", "Liquid Eyeliner", "Brow Gel"]),
+    (["Beauty", "Skin Care", "Treatments", "Serums"],
+     ["Vitamin C Serum", "Retinol Serum", "Hyaluronic Serum", "Acne Spot Gel"]),
+    (["Beauty", "Hair Care", "Hair Color"],
+     ["Hair Dye", "Root Touch Up", "Color Gloss", "Henna Powder"]),
+    (["Beauty", "Shaving", "Razors"],
+     ["Safety Razor", "Razor Blades", "Shaving Cream", "Beard Oil"]),
+    (["Beauty", "Tools & Accessories", "Hair Tools"],
+     ["Flat Iron", "Curling Wand", "Hair Dryer", "Hot Brush"]),
+    (["Beauty", "Oral Care"],
+     ["Whitening Toothpaste", "Electric Toothbrush", "Water Flosser", "Mouthwash"]),
 ]
-BRANDS = ["Lumiere", "Verdant", "Aurora", "Nordic Bloom", "Silk & Stone", "Petal Lab", "Oakmoss", "Cirrus",
-          "Marigold", "Bluebay", "Amber Row", "Kinfolk"]
-ADJECTIVES = ["Classic", "Pro", "Sensitive", "Organic", "Travel Size", "Deluxe", "Everyday", "Ultra"]
+BRANDS = ["Lumiere", "Verdant", "Aurora", "Nordic Bloom", "Silk & Stone", "Petal Lab", "Oakmoss",
+          "Cirrus", "Marigold", "Bluebay", "Amber Row", "Kinfolk"]
+ADJECTIVES = ["Classic", "Pro", "Sensitive", "Organic", "Travel Size", "Deluxe", "Everyday",
+              "Ultra"]
 
 
 def make_synthetic(seed=0, n_users=2000, n_items=1000, min_len=5, max_len=20):
@@ -364,9 +393,9 @@ def make_synthetic(seed=0, n_users=2000, n_items=1000, min_len=5, max_len=20):
     topic's weights per draw): 100,000 users x 367,982 items take about 10 s."""
     n_topics = len(TOPICS)
     if not 1 <= min_len <= max_len or 2 * (n_items // n_topics) < max_len:
-        raise PrepError(f"synthetic: need 1 <= min-len <= max-len and at least {n_topics} * max-len / 2 items "
-                        f"(a user with two topics must find max-len distinct items); got min-len {min_len}, "
-                        f"max-len {max_len}, {n_items} items")
+        raise PrepError(f"synthetic: need 1 <= min-len <= max-len and at least {n_topics} * "
+                        "max-len / 2 items (a user with two topics must find max-len distinct "
+                        f"items); got min-len {min_len}, max-len {max_len}, {n_items} items")
     rng = random.Random(seed)
     item_topic = [i % n_topics for i in range(n_items)]
     rng.shuffle(item_topic)
@@ -374,11 +403,13 @@ def make_synthetic(seed=0, n_users=2000, n_items=1000, min_len=5, max_len=20):
     for i, t in enumerate(item_topic):
         members[t].append(i)
     # a Zipf-like popularity inside each topic, so popularity is a real (but weak) baseline
-    cum_weights = [list(itertools.accumulate(1.0 / (r + 1) ** 0.8 for r in range(len(m)))) for m in members]
+    cum_weights = [list(itertools.accumulate(1.0 / (r + 1) ** 0.8 for r in range(len(m))))
+                   for m in members]
     items = []
     for i in range(n_items):
         path, nouns = TOPICS[item_topic[i]]
-        title = f"{rng.choice(BRANDS)} {rng.choice(ADJECTIVES)} {rng.choice(nouns)}, {rng.choice([1, 2, 4, 8])} oz"
+        brand, adjective, noun = rng.choice(BRANDS), rng.choice(ADJECTIVES), rng.choice(nouns)
+        title = f"{brand} {adjective} {noun}, {rng.choice([1, 2, 4, 8])} oz"
         items.append({"asin": f"SYN{i:06d}", "title": title, "categories": [list(path)]})
     sequences, user_topics = [], []
     for _ in range(n_users):
@@ -407,7 +438,8 @@ def make_synthetic(seed=0, n_users=2000, n_items=1000, min_len=5, max_len=20):
 # command line
 
 def prepare(name, out, raw_dir=None, seed=0, synthetic=None):
-    """synthetic: make_synthetic's size arguments (n_users, n_items, min_len, max_len); None: its defaults."""
+    """synthetic: make_synthetic's size arguments (n_users, n_items, min_len, max_len); None: its
+    defaults."""
     if name == "synthetic":
         sequences, items, _ = make_synthetic(seed, **(synthetic or {}))
     elif name in AMAZON:
@@ -417,20 +449,23 @@ def prepare(name, out, raw_dir=None, seed=0, synthetic=None):
             paths = [os.path.join(raw_dir, f) for f in files]
             for p in paths:
                 if not os.path.exists(p):
-                    raise PrepError(f"{p} is missing: download {os.path.basename(p)} of the 2014 Amazon release "
-                                    f"(e.g. {MIRRORS[0]}{os.path.basename(p)}) into {raw_dir}")
+                    raise PrepError(f"{p} is missing: download {os.path.basename(p)} of the 2014 "
+                                    f"Amazon release (e.g. {MIRRORS[0]}{os.path.basename(p)}) "
+                                    f"into {raw_dir}")
         else:
             paths = [download([m + f for m in MIRRORS], os.path.join(out, "raw", f)) for f in files]
         rows = read_amazon_reviews(paths[0])
         meta = read_amazon_meta(paths[1], {r[1] for r in rows})
         sequences, items = build(rows, meta, paths[0], dedupe=True)
     elif name == "yelp":
-        missing = [f for f in YELP_FILES if not raw_dir or not os.path.exists(os.path.join(raw_dir, f))]
+        missing = [f for f in YELP_FILES
+                   if not raw_dir or not os.path.exists(os.path.join(raw_dir, f))]
         if missing:
-            raise PrepError(f"{', '.join(missing)} missing: Yelp cannot be downloaded automatically (its "
-                            "licence needs a click-through); get the JSON version of the Yelp Open Dataset at "
-                            f"https://www.yelp.com/dataset, extract {' and '.join(YELP_FILES)} into a folder "
-                            "and run `.venv/bin/python data_prep.py yelp --raw-dir FOLDER`")
+            raise PrepError(f"{', '.join(missing)} missing: Yelp cannot be downloaded "
+                            "automatically (its licence needs a click-through); get the JSON "
+                            "version of the Yelp Open Dataset at https://www.yelp.com/dataset, "
+                            f"extract {' and '.join(YELP_FILES)} into a folder and run "
+                            "`.venv/bin/python data_prep.py yelp --raw-dir FOLDER`")
         rows, meta = read_yelp(raw_dir)
         sequences, items = build(rows, meta, os.path.join(raw_dir, YELP_FILES[0]), dedupe=False)
     else:
@@ -441,17 +476,21 @@ def prepare(name, out, raw_dir=None, seed=0, synthetic=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--out", default="data", help="output folder (default: data)")
     p.add_argument("--raw-dir", help="folder with raw files fetched by hand (skips the download)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
     p.add_argument("--users", type=int, default=2000, help="synthetic: number of users")
-    p.add_argument("--items", type=int, default=1000, help="synthetic: catalogue size (367982: Amazon Books)")
-    p.add_argument("--min-len", type=int, default=5, help="synthetic: shortest sequence (3 or more for loo)")
+    p.add_argument("--items", type=int, default=1000,
+                   help="synthetic: catalogue size (367982: Amazon Books)")
+    p.add_argument("--min-len", type=int, default=5,
+                   help="synthetic: shortest sequence (3 or more for loo)")
     p.add_argument("--max-len", type=int, default=20, help="synthetic: longest sequence")
     args = p.parse_args(argv)
-    synthetic = dict(n_users=args.users, n_items=args.items, min_len=args.min_len, max_len=args.max_len)
+    synthetic = dict(n_users=args.users, n_items=args.items, min_len=args.min_len,
+                     max_len=args.max_len)
     try:
         prepare(args.dataset, args.out, args.raw_dir, args.seed, synthetic)
     except PrepError as e:

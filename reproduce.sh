@@ -2,7 +2,8 @@
 # Rebuild every row of the results table (README: The table) end to end:
 #   bash reproduce.sh DATASET [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
 # DATASET: demo (synthetic, offline, a few minutes), beauty, sports, toys, yelp (downloaded or
-# made by data_prep.py), or the name of your own dataset under --data_dir (README: Your own dataset).
+# made by data_prep.py), or the name of your own dataset under --data_dir (README: Your own
+# dataset).
 # Data, runs, cache and results/ are written under the current folder; finished runs are
 # reused, so an interrupted reproduction resumes where it stopped. Extra --key value pairs
 # are bimi.py options (e.g. --device cuda, --data_dir DIR); every option is checked
@@ -10,7 +11,8 @@
 set -euo pipefail
 export BIMI_COMMAND="bash reproduce.sh $*"  # the command a table's provenance names
 here=$(cd "$(dirname "$0")" && pwd)
-usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp|NAME [--seeds N] [--models LIST] [--ablations 0|1] [--key value ...]
+usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp|NAME [--seeds N] [--models LIST]
+                          [--ablations 0|1] [--key value ...]
   NAME             your own dataset, DIR/NAME/{sequences.txt,items.jsonl} with --data_dir DIR
   --seeds N        seeds 1..N of every row (default 3; demo 2)
   --models LIST    backbones, comma-separated (default mind,comirec-dr,comirec-sa,remi)
@@ -18,7 +20,8 @@ usage="usage: bash reproduce.sh demo|beauty|sports|toys|yelp|NAME [--seeds N] [-
   other options: .venv/bin/python bimi.py reproduce --help"
 case "${1:-}" in
   "" | -h | --help | help) echo "$usage"; [ -n "${1:-}" ]; exit ;;
-  -*) echo "error: the dataset comes first, then options, got '$1'" >&2; echo "$usage" >&2; exit 2 ;;
+  -*) echo "error: the dataset comes first, then options, got '$1'" >&2; echo "$usage" >&2
+      exit 2 ;;
   *) dataset=$1; shift ;;
 esac
 [ "$dataset" = demo ] && name=synthetic || name=$dataset
@@ -26,7 +29,8 @@ esac
 # dependencies: a virtual environment beside the kit (BIMI_PYTHON picks an existing interpreter)
 if [ -n "${BIMI_PYTHON:-}" ]; then
   py=$BIMI_PYTHON
-  command -v "$py" > /dev/null || { echo "error: BIMI_PYTHON=$py is not a Python interpreter; unset it to use .venv/" >&2; exit 2; }
+  command -v "$py" > /dev/null || {
+    echo "error: BIMI_PYTHON=$py is not a Python interpreter; unset it to use .venv/" >&2; exit 2; }
 else
   [ -x "$here/.venv/bin/python" ] || python3 -m venv "$here/.venv"
   "$here/.venv/bin/pip" install -q -r "$here/requirements.txt"
@@ -35,14 +39,16 @@ fi
 
 # glibc hands every freed block back to the OS, so each CPU training step page-faults its
 # (batch x items) logits in again; keeping freed memory in the process makes a step 10-30 % faster
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-1073741824} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-1073741824}
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-1073741824}
+export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-1073741824}
 
 # the semantic backend: an LLM when an endpoint is configured, else the catalogue's categories
 if [ -n "${OPENAI_BASE_URL:-}" ]; then
   echo "LLM backend: $OPENAI_BASE_URL (model names as resolved in each run's config.json)"
   backend=(--backend llm --embedder api)
 else
-  echo "OPENAI_BASE_URL is not set: the EIMF rows use the categories backend (no LLM), labelled so in the table"
+  echo "OPENAI_BASE_URL is not set: the EIMF rows use the categories backend (no LLM)," \
+    "labelled so in the table"
   backend=(--backend categories --embedder hash)
 fi
 
@@ -50,4 +56,5 @@ fi
 [ "$dataset" = demo ] && defaults=(--seeds 2 --max_epochs 5) || defaults=()
 # data/ beside the runs unless --data_dir says otherwise (later options win); bimi.py checks every
 # option, then prepares the data if it is missing, then trains
-"$py" "$here/bimi.py" reproduce --dataset "$name" --data_dir data "${backend[@]}" "${defaults[@]}" "$@"
+"$py" "$here/bimi.py" reproduce --dataset "$name" --data_dir data "${backend[@]}" \
+  "${defaults[@]}" "$@"

@@ -1,5 +1,6 @@
 """A real HTTP server on 127.0.0.1 that speaks the OpenAI chat and embeddings JSON and can be
-scripted to fail. Run it standalone (`python tests/fake_llm.py`, it prints its URL) to point the kit at it."""
+scripted to fail. Run it standalone (`python tests/fake_llm.py`, it prints its URL) to point the
+kit at it."""
 import hashlib
 import json
 import sys
@@ -53,8 +54,8 @@ class FakeLLM:
         with self.lock:
             kind = handler.path.rsplit("/", 1)[-1]
             behaviour = self.script.pop(0) if self.script else "ok"
-            self.log.append({"path": handler.path, "kind": kind, "body": body, "behaviour": behaviour,
-                             "auth": handler.headers.get("Authorization")})
+            self.log.append({"path": handler.path, "kind": kind, "body": body,
+                             "behaviour": behaviour, "auth": handler.headers.get("Authorization")})
         self.respond(handler, kind, body, behaviour)
 
     def send(self, handler, status, payload, headers=()):
@@ -73,13 +74,15 @@ class FakeLLM:
 
     def respond(self, handler, kind, body, behaviour):
         if behaviour == "429":
-            return self.send(handler, 429, {"error": {"message": "rate limited"}}, [("Retry-After", "0.05")])
+            return self.send(handler, 429, {"error": {"message": "rate limited"}},
+                             [("Retry-After", "0.05")])
         if behaviour == "500":
             return self.send(handler, 500, {"error": {"message": "internal error"}})
         if behaviour == "401":
             return self.send(handler, 401, {"error": {"message": "Incorrect API key provided"}})
         if behaviour == "404":
-            return self.send(handler, 404, {"error": {"message": f"The model {body['model']} does not exist"}})
+            return self.send(handler, 404,
+                             {"error": {"message": f"The model {body['model']} does not exist"}})
         if behaviour == "drop":
             handler.close_connection = True
             return
@@ -99,10 +102,12 @@ class FakeLLM:
             answer["interests"] = answer["interests"][:-1]
         content = json.dumps(answer)
         if behaviour == "prose":
-            content = f"Sure! Here is the analysis:\n```json\n{content}\n```\nLet me know if you need more."
-        return self.send(handler, 200, {"id": "x", "object": "chat.completion", "model": body["model"] + "-0613",
-                                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                                     "finish_reason": "stop"}]})
+            content = (f"Sure! Here is the analysis:\n```json\n{content}\n```\nLet me know if you "
+                       "need more.")
+        message = {"role": "assistant", "content": content}
+        return self.send(handler, 200, {
+            "id": "x", "object": "chat.completion", "model": body["model"] + "-0613",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
 
     def count(self, kind, status=200):
         return sum(1 for k, s in self.completed if k == kind and s == status)
@@ -157,7 +162,8 @@ def chat_reply(content, finish_reason="stop", model="m"):
 def embeddings_reply(texts, model="e"):
     """An OpenAI embeddings body, one fake vector per text."""
     return {"object": "list", "model": model,
-            "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(t)} for i, t in enumerate(texts)]}
+            "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(t)}
+                     for i, t in enumerate(texts)]}
 
 
 if __name__ == "__main__":

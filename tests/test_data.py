@@ -13,7 +13,7 @@ import bimi
 import data_prep
 from conftest import SHARED, shared_beauty
 
-# ----------------------------------------------------------------------------- raw fixtures in the 2014 formats
+# ----------------------------------------------------------------- raw fixtures in the 2014 formats
 
 
 def write_gz(path, lines):
@@ -22,7 +22,8 @@ def write_gz(path, lines):
 
 
 def review(user, asin, t):
-    return json.dumps({"reviewerID": user, "asin": asin, "unixReviewTime": t, "overall": 5.0, "reviewText": "ok"})
+    return json.dumps({"reviewerID": user, "asin": asin, "unixReviewTime": t, "overall": 5.0,
+                       "reviewText": "ok"})
 
 
 def meta(asin, title=None, cats=(("Beauty", "Makeup"),)):
@@ -33,8 +34,8 @@ def meta(asin, title=None, cats=(("Beauty", "Makeup"),)):
 
 
 def amazon_fixture(raw):
-    """Five users x items I1..I5 form the core. Y has 4 reviewers (u1, u2, u3, u6): dropping it leaves
-    u6 with 4 reviews, dropping u6 leaves X with 4 reviewers (u1..u4), which drops X too."""
+    """Five users x items I1..I5 form the core. Y has 4 reviewers (u1, u2, u3, u6): dropping it
+    leaves u6 with 4 reviews, dropping u6 leaves X with 4 reviewers (u1..u4), which drops X too."""
     rows = []
     for u in ["u1", "u2", "u3", "u4", "u5"]:
         for n, item in enumerate(["I1", "I2", "I3", "I4", "I5"]):
@@ -47,7 +48,8 @@ def amazon_fixture(raw):
     rows += [review("u6", i, 100 + n) for n, i in enumerate(["I1", "I2", "I3", "Y", "X"])]
     write_gz(os.path.join(raw, "reviews_Beauty_5.json.gz"), rows)
     metas = [meta("I1", "Nail &amp; Polish"), meta("I2", "Lipstick"), meta("I3"),  # I3 has no title
-             meta("I4", "Mascara", [["Beauty", "Makeup", "Eyes"], ["Beauty", "Gifts"]]), meta("I5", "Cream"),
+             meta("I4", "Mascara", [["Beauty", "Makeup", "Eyes"], ["Beauty", "Gifts"]]),
+             meta("I5", "Cream"),
              meta("X", "x"), meta("Y", "y"), meta("UNUSED", "never reviewed")]
     write_gz(os.path.join(raw, "meta_Beauty.json.gz"), metas)
 
@@ -130,7 +132,8 @@ def test_amazon_parsers_core_ties_and_ids(tmp_path):
 def test_k_core_cascade_directly():
     rows = [("a", "i", 0, 1), ("a", "j", 0, 2), ("b", "i", 0, 3)]
     assert data_prep.k_core(rows, k=2) == []  # j has 1 -> a has 1 -> i has 1 -> nothing
-    rows = [("a", "i", 0, 1), ("a", "j", 0, 2), ("b", "i", 0, 3), ("b", "j", 0, 4), ("c", "i", 0, 5)]
+    rows = [("a", "i", 0, 1), ("a", "j", 0, 2), ("b", "i", 0, 3), ("b", "j", 0, 4),
+            ("c", "i", 0, 5)]
     assert sorted(r[0] for r in data_prep.k_core(rows, k=2)) == ["a", "a", "b", "b"]
 
 
@@ -145,7 +148,8 @@ def test_bad_input_gives_clear_error_and_no_output(tmp_path, case, needle):
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
     os.makedirs(raw)
     amazon_fixture(raw)
-    reviews, metas = os.path.join(raw, "reviews_Beauty_5.json.gz"), os.path.join(raw, "meta_Beauty.json.gz")
+    reviews = os.path.join(raw, "reviews_Beauty_5.json.gz")
+    metas = os.path.join(raw, "meta_Beauty.json.gz")
     if case == "truncated":
         blob = open(reviews, "rb").read()
         open(reviews, "wb").write(blob[: len(blob) // 2])
@@ -157,7 +161,8 @@ def test_bad_input_gives_clear_error_and_no_output(tmp_path, case, needle):
     elif case == "malformed_meta":
         with gzip.open(metas, "rt") as f:
             lines = f.read().splitlines()
-        lines[1] = "{'asin': 'I2', 'title': __import__('os').system('echo pwned')}"  # never evaluated
+        # never evaluated
+        lines[1] = "{'asin': 'I2', 'title': __import__('os').system('echo pwned')}"
         write_gz(metas, lines)
     elif case == "no_meta":
         with gzip.open(metas, "rt") as f:
@@ -179,8 +184,10 @@ def test_yelp_parser_filters_dates_and_uses_business_names(tmp_path):
     reviews, businesses = [], []
     for u in range(5):
         for b in range(5):
-            reviews.append(json.dumps({"user_id": f"u{u}", "business_id": f"b{b}", "date": f"2019-0{b + 1}-01 10:00:00"}))
-        reviews.append(json.dumps({"user_id": f"u{u}", "business_id": "old", "date": "2018-12-31 23:59:59"}))
+            reviews.append(json.dumps({"user_id": f"u{u}", "business_id": f"b{b}",
+                                       "date": f"2019-0{b + 1}-01 10:00:00"}))
+        reviews.append(json.dumps({"user_id": f"u{u}", "business_id": "old",
+                                   "date": "2018-12-31 23:59:59"}))
     for b in range(5):
         businesses.append(json.dumps({"business_id": f"b{b}", "name": f"Cafe {b} &amp; Bar",
                                       "categories": "Food, Coffee & Tea"}))
@@ -195,7 +202,8 @@ def test_yelp_parser_filters_dates_and_uses_business_names(tmp_path):
 
 def write_yelp(folder, reviews, businesses):
     """Plain JSON-lines Yelp files; reviews are (user, business, date) in file order."""
-    rows = [json.dumps({"review_id": f"r{n}", "user_id": u, "business_id": b, "stars": 1 + n % 5, "date": d})
+    rows = [json.dumps({"review_id": f"r{n}", "user_id": u, "business_id": b,
+                        "stars": 1 + n % 5, "date": d})
             for n, (u, b, d) in enumerate(reviews)]
     for name, lines in zip(data_prep.YELP_FILES, (rows, [json.dumps(b) for b in businesses])):
         with open(os.path.join(folder, name), "w") as f:
@@ -217,8 +225,10 @@ def read_processed(folder):
     ("empty string", "", []),
 ])
 def test_yelp_categories_in_every_dump_shape(tmp_path, shape, categories, expected):
-    reviews = [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00") for u in range(5) for b in range(5)]
-    businesses = [{"business_id": f"b{b}", "name": f"Cafe {b}", "categories": categories if b == 0 else "Bars"}
+    reviews = [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00")
+               for u in range(5) for b in range(5)]
+    businesses = [{"business_id": f"b{b}", "name": f"Cafe {b}",
+                   "categories": categories if b == 0 else "Bars"}
                   for b in range(5)]
     write_yelp(tmp_path, reviews, businesses)
     data_prep.prepare("yelp", str(tmp_path / "out"), str(tmp_path))
@@ -227,22 +237,28 @@ def test_yelp_categories_in_every_dump_shape(tmp_path, shape, categories, expect
 
 
 def test_yelp_categories_of_another_type_name_the_line(tmp_path):
-    reviews = [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00") for u in range(5) for b in range(5)]
-    businesses = [{"business_id": f"b{b}", "name": "x", "categories": {"Food": True} if b == 3 else "Bars"}
+    reviews = [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00")
+               for u in range(5) for b in range(5)]
+    businesses = [{"business_id": f"b{b}", "name": "x",
+                   "categories": {"Food": True} if b == 3 else "Bars"}
                   for b in range(5)]
     write_yelp(tmp_path, reviews, businesses)
     with pytest.raises(data_prep.PrepError) as e:
         data_prep.prepare("yelp", str(tmp_path / "out"), str(tmp_path))
-    assert str(e.value) == (f"{tmp_path}/yelp_academic_dataset_business.json:4: categories is dict, expected a "
-                            "string, a list or null; is this a Yelp business file?")
+    assert str(e.value) == (f"{tmp_path}/yelp_academic_dataset_business.json:4: categories is "
+                            "dict, expected a string, a list or null; is this a Yelp business "
+                            "file?")
 
 
 def test_yelp_follows_the_benchmark_year_order_and_repeats(tmp_path):
     """S3-Rec/P5: dates within ['2019-01-01 00:00:00', '2019-12-31 00:00:00'], every rating, repeat
-    visits kept, per-user time order, users numbered by their first line, items by first appearance."""
+    visits kept, per-user time order, users numbered by their first line, items by first
+    appearance."""
     reviews = [("u2", "rare", "2019-06-01 10:00:00")]  # u2's first line; the 5-core removes it
-    reviews += [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00") for b in (4, 3, 2, 1, 0) for u in range(5)]
-    reviews += [("u0", "b0", "2019-12-31 00:00:00"),   # upper bound, inclusive: a repeat visit, kept
+    reviews += [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00")
+                for b in (4, 3, 2, 1, 0) for u in range(5)]
+    # upper bound, inclusive: a repeat visit, kept
+    reviews += [("u0", "b0", "2019-12-31 00:00:00"),
                 ("u1", "b1", "2019-12-31 00:00:01"),   # after the upper bound
                 ("u2", "b2", "2018-12-31 23:59:59"),   # before the lower bound
                 ("u3", "b3", "2019-01-01 00:00:00")]   # lower bound, inclusive: u3's earliest visit
@@ -259,19 +275,22 @@ def test_yelp_follows_the_benchmark_year_order_and_repeats(tmp_path):
 
 
 def test_yelp_dump_without_2019_says_so_with_the_latest_date(tmp_path):
-    reviews = [(f"u{u}", f"b{b}", f"2017-0{b + 1}-0{u + 1} 10:00:00") for u in range(5) for b in range(5)]
-    write_yelp(tmp_path, reviews, [{"business_id": f"b{b}", "name": "x", "categories": ["Food"]} for b in range(5)])
+    reviews = [(f"u{u}", f"b{b}", f"2017-0{b + 1}-0{u + 1} 10:00:00")
+               for u in range(5) for b in range(5)]
+    write_yelp(tmp_path, reviews,
+               [{"business_id": f"b{b}", "name": "x", "categories": ["Food"]} for b in range(5)])
     with pytest.raises(data_prep.PrepError) as e:
         data_prep.prepare("yelp", str(tmp_path / "out"), str(tmp_path))
-    assert str(e.value) == (f"{tmp_path}/yelp_academic_dataset_review.json: no review dated 2019-01-01 00:00:00 "
-                            "to 2019-12-31 00:00:00, the benchmark's year (the latest review here is "
-                            "2017-05-05 10:00:00); use a Yelp Open Dataset release that covers 2019 "
-                            "(https://www.yelp.com/dataset)")
+    assert str(e.value) == (f"{tmp_path}/yelp_academic_dataset_review.json: no review dated "
+                            "2019-01-01 00:00:00 to 2019-12-31 00:00:00, the benchmark's year "
+                            "(the latest review here is 2017-05-05 10:00:00); use a Yelp Open "
+                            "Dataset release that covers 2019 (https://www.yelp.com/dataset)")
 
 
 def test_amazon_repeated_pair_keeps_earliest_and_file_order_does_not_matter(tmp_path):
     rows = [review(f"u{u}", f"I{i}", 1000 * u + 10 * i) for u in range(1, 6) for i in range(1, 6)]
-    rows.insert(0, review("u1", "I3", 900))  # u1's repeat of I3, earlier in time but later in the file
+    # u1's repeat of I3, earlier in time but later in the file
+    rows.insert(0, review("u1", "I3", 900))
     rows[0], rows[3] = rows[3], rows[0]
     metas = [meta(f"I{i}", f"t{i}") for i in range(1, 6)]
     asin_seqs = []
@@ -291,7 +310,8 @@ def test_amazon_repeated_pair_keeps_earliest_and_file_order_does_not_matter(tmp_
 
 @pytest.mark.parametrize("plain", ["reviews", "meta", "both"])
 def test_json_gz_already_decompressed_is_read_as_text(tmp_path, plain):
-    """Decided by the gzip magic bytes, never by the name (browsers unpack .gz and keep the name)."""
+    """Decided by the gzip magic bytes, never by the name (browsers unpack .gz and keep the
+    name)."""
     raw = tmp_path / "raw"
     os.makedirs(raw)
     amazon_fixture(str(raw))
@@ -306,8 +326,10 @@ def test_json_gz_already_decompressed_is_read_as_text(tmp_path, plain):
 
 
 def test_gzip_under_a_plain_name_is_read_too(tmp_path):
-    reviews = [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00") for u in range(5) for b in range(5)]
-    write_yelp(tmp_path, reviews, [{"business_id": f"b{b}", "name": "x", "categories": "Food"} for b in range(5)])
+    reviews = [(f"u{u}", f"b{b}", f"2019-0{b + 1}-0{u + 1} 10:00:00")
+               for u in range(5) for b in range(5)]
+    write_yelp(tmp_path, reviews,
+               [{"business_id": f"b{b}", "name": "x", "categories": "Food"} for b in range(5)])
     path = tmp_path / data_prep.YELP_FILES[0]
     text = path.read_bytes()
     with gzip.open(path, "wb") as f:
@@ -325,7 +347,8 @@ class Mirror(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        kind, body = ("application/gzip", self.blob) if self.path == "/file.gz" else ("text/html", self.page)
+        kind, body = (("application/gzip", self.blob) if self.path == "/file.gz"
+                      else ("text/html", self.page))
         self.send_response(200)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
@@ -346,11 +369,12 @@ def test_download_refuses_an_html_page_and_keeps_nothing(tmp_path, mirror):
     dest = tmp_path / "raw" / "reviews_Beauty_5.json.gz"
     with pytest.raises(data_prep.PrepError) as e:
         data_prep.download([f"{mirror}/moved"], str(dest))
-    assert str(e.value) == (f"could not download reviews_Beauty_5.json.gz ({mirror}/moved: answered with text/html "
-                            "starting b'<!DOCTYPE html><', not gzip data (the link has moved or a web page "
-                            "answered)); fetch it by hand into a folder FOLDER, run `.venv/bin/python "
-                            "data_prep.py DATASET --raw-dir FOLDER` (with --out DIR for another data "
-                            "folder) and then the reproduction again")
+    assert str(e.value) == (f"could not download reviews_Beauty_5.json.gz ({mirror}/moved: "
+                            "answered with text/html starting b'<!DOCTYPE html><', not gzip data "
+                            "(the link has moved or a web page answered)); fetch it by hand into "
+                            "a folder FOLDER, run `.venv/bin/python data_prep.py DATASET "
+                            "--raw-dir FOLDER` (with --out DIR for another data folder) and then "
+                            "the reproduction again")
     assert os.listdir(tmp_path / "raw") == []  # neither the final name nor a .part
     # the next mirror that serves gzip data wins
     assert data_prep.download([f"{mirror}/moved", f"{mirror}/file.gz"], str(dest)) == str(dest)
@@ -360,7 +384,8 @@ def test_download_refuses_an_html_page_and_keeps_nothing(tmp_path, mirror):
 def test_download_reuses_complete_file_and_never_leaves_part(tmp_path):
     dest = tmp_path / "f.gz"
     dest.write_bytes(b"done")
-    assert data_prep.download(["http://127.0.0.1:9/never"], str(dest)) == str(dest)  # reused, no request
+    # reused, no request
+    assert data_prep.download(["http://127.0.0.1:9/never"], str(dest)) == str(dest)
     with pytest.raises(data_prep.PrepError, match="could not download"):
         data_prep.download(["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"], str(tmp_path / "g.gz"))
     assert sorted(os.listdir(tmp_path)) == ["f.gz"]
@@ -390,7 +415,8 @@ def test_synthetic_is_deterministic_and_has_planted_topics():
 
 
 def test_synthetic_loads_and_splits_offline(synthetic_dir):
-    for name in ("sequences.txt", "items.jsonl"):  # readable by others, as a plain open() would leave it
+    # readable by others, as a plain open() would leave it
+    for name in ("sequences.txt", "items.jsonl"):
         assert os.stat(os.path.join(synthetic_dir, "synthetic", name)).st_mode & 0o777 == 0o644
     data = bimi.load_dataset(synthetic_dir, "synthetic")
     for protocol in ("loo", "user"):
@@ -398,7 +424,7 @@ def test_synthetic_loads_and_splits_offline(synthetic_dir):
         assert len(split.train_target) > 10000
 
 
-# ----------------------------------------------------------------------------- loading and validation
+# --------------------------------------------------------------------------- loading and validation
 
 
 def write_processed(folder, seq_lines, n_items=3):
@@ -407,7 +433,8 @@ def write_processed(folder, seq_lines, n_items=3):
         f.write("\n".join(seq_lines) + "\n")
     with open(os.path.join(folder, "items.jsonl"), "w") as f:
         for i in range(1, n_items + 1):
-            f.write(json.dumps({"item_id": i, "asin": f"A{i}", "title": f"t{i}", "categories": [["c"]]}) + "\n")
+            f.write(json.dumps({"item_id": i, "asin": f"A{i}", "title": f"t{i}",
+                                "categories": [["c"]]}) + "\n")
 
 
 @pytest.mark.parametrize("lines, needle", [
@@ -457,12 +484,14 @@ def test_missing_items_file_is_one_line_naming_it(tmp_path):
     os.remove(tmp_path / "d" / "items.jsonl")
     with pytest.raises(bimi.DataError) as e:
         bimi.load_dataset(str(tmp_path), "d")
-    assert str(e.value) == (f"{tmp_path}/d/items.jsonl not found: write sequences.txt and items.jsonl "
-                            "there (README: Your own dataset) (or point --data_dir at a folder that holds "
-                            "the processed datasets)")
-    with pytest.raises(bimi.DataError) as e:  # a dataset data_prep.py makes: the command that makes it
+    assert str(e.value) == (f"{tmp_path}/d/items.jsonl not found: write sequences.txt and "
+                            "items.jsonl there (README: Your own dataset) (or point --data_dir at "
+                            "a folder that holds the processed datasets)")
+    # a dataset data_prep.py makes: the command that makes it
+    with pytest.raises(bimi.DataError) as e:
         bimi.load_dataset(str(tmp_path), "beauty")
-    assert "run `.venv/bin/python data_prep.py beauty`, which writes sequences.txt and items.jsonl" in str(e.value)
+    assert "run `.venv/bin/python data_prep.py beauty`, which writes sequences.txt and " \
+        "items.jsonl" in str(e.value)
 
 
 @pytest.mark.parametrize("edit", ["trailing blank lines", "byte-order marks", "CRLF", "all three"])
@@ -510,9 +539,9 @@ def test_repeats_are_counted_and_warned_in_one_line(tmp_path, capsys):
     logged = capsys.readouterr().out.splitlines()
     assert counts == {"repeating_sequences": 3, "valid_in_history": 1, "valid_targets": 5,
                       "test_in_history": 3, "test_targets": 5}
-    assert logged == ["WARNING: repeats: 3 of 5 sequences repeat an item; 1 of 5 validation targets (20.0 %) and "
-                      "3 of 5 test targets (60.0 %) are already in the user's history, which is masked from the "
-                      "ranking, so no model can hit them"]
+    assert logged == ["WARNING: repeats: 3 of 5 sequences repeat an item; 1 of 5 validation "
+                      "targets (20.0 %) and 3 of 5 test targets (60.0 %) are already in the "
+                      "user's history, which is masked from the ranking, so no model can hit them"]
 
 
 def test_no_repeats_no_warning(synthetic_dir, capsys):
@@ -534,7 +563,8 @@ def test_user_protocol_counts_a_repeated_held_out_item_once(tmp_path):
     data = bimi.load_dataset(str(tmp_path), "rep")
     split = bimi.make_split(data, "user")
     ours = bimi.popularity_metrics(split, data.n_items, cutoffs=(5,))
-    counts = np.bincount(np.concatenate(list(split.train_seqs.values())), minlength=13).astype(float)
+    counts = np.bincount(np.concatenate(list(split.train_seqs.values())),
+                         minlength=13).astype(float)
     raw = [data.sequences[u - 1] for u in split.test.users]  # the oracle reads the raw sequences
     targets = [sorted(set(s[max(1, int(0.8 * len(s))):].tolist())) for s in raw]
     seen = [s[:max(1, int(0.8 * len(s)))].tolist() for s in raw]
@@ -544,7 +574,7 @@ def test_user_protocol_counts_a_repeated_held_out_item_once(tmp_path):
     assert ours["ndcg@5"] <= 1
 
 
-# ----------------------------------------------------------------------------- splits against a slow reference
+# ------------------------------------------------------------------ splits against a slow reference
 
 
 def reference_loo(sequences, max_len):
@@ -600,7 +630,8 @@ def test_real_yelp_repeats_match_a_loop_reference():
     data = bimi.load_dataset(SHARED, "yelp")
     assert data.repeating == 7102 == sum(len(set(s.tolist())) < len(s) for s in data.sequences)
     loo = bimi.repeat_summary(data, bimi.make_split(data, "loo"))
-    assert (loo["test_in_history"], loo["valid_in_history"]) == (2027, 1640)  # 6.7 % and 5.4 % of 30,431
+    # 6.7 % and 5.4 % of 30,431
+    assert (loo["test_in_history"], loo["valid_in_history"]) == (2027, 1640)
     split = bimi.make_split(data, "user")
     counts = bimi.repeat_summary(data, split)
     for part in ("valid", "test"):
@@ -618,7 +649,8 @@ def test_real_beauty_counts_and_splits():
     assert len(loo.valid.users) == len(loo.test.users) == 22363
     assert len(loo.train_target) == 131413 == 198502 - 3 * 22363
     user = bimi.make_split(data, "user")
-    train, valid, test = set(user.train_seqs), set(user.valid.users.tolist()), set(user.test.users.tolist())
+    train = set(user.train_seqs)
+    valid, test = set(user.valid.users.tolist()), set(user.test.users.tolist())
     assert (len(train), len(valid), len(test)) == (17890, 2236, 2237)
     assert not (train & valid) and not (train & test) and not (valid & test)
     assert train | valid | test == set(range(1, 22364))

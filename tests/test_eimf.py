@@ -26,14 +26,14 @@ def loop_alignment(v, s, mask, tau, group=None):
     for u in range(B):
         for w in range(B):
             js = [j for j in range(s.shape[1]) if mask[w, j]]
-            sim[u, w] = sum(max(float(F.cosine_similarity(s[w, j], v[u, k], dim=0)) for k in range(v.shape[1]))
-                            for j in js) / len(js)
+            sim[u, w] = sum(max(float(F.cosine_similarity(s[w, j], v[u, k], dim=0))
+                                for k in range(v.shape[1])) for j in js) / len(js)
     def negatives(u):  # everyone but the users whose semantic set is identical to u's
         return [w for w in range(B) if w == u or group[w] != group[u]]
-    loss_u = [-math.log(math.exp(sim[u, u] / tau) / sum(math.exp(sim[u, w] / tau) for w in negatives(u)))
-              for u in range(B)]
-    loss_w = [-math.log(math.exp(sim[w, w] / tau) / sum(math.exp(sim[u, w] / tau) for u in negatives(w)))
-              for w in range(B)]
+    loss_u = [-math.log(math.exp(sim[u, u] / tau)
+                        / sum(math.exp(sim[u, w] / tau) for w in negatives(u))) for u in range(B)]
+    loss_w = [-math.log(math.exp(sim[w, w] / tau)
+                        / sum(math.exp(sim[u, w] / tau) for u in negatives(w))) for w in range(B)]
     return (sum(loss_u) / B + sum(loss_w) / B) / 2
 
 
@@ -42,7 +42,8 @@ def test_alignment_loss_matches_loop():
     v, s = torch.randn(5, 3, 6, generator=g), torch.randn(5, 4, 6, generator=g)
     mask = torch.ones(5, 4, dtype=torch.bool)
     mask[1, 3] = mask[2, 2:] = False  # users with fewer semantic interests
-    assert bimi.alignment_loss(v, s, mask, 0.1).item() == pytest.approx(loop_alignment(v, s, mask, 0.1), rel=1e-4)
+    assert bimi.alignment_loss(v, s, mask, 0.1).item() == \
+        pytest.approx(loop_alignment(v, s, mask, 0.1), rel=1e-4)
     group = torch.tensor([0, 1, 0, 2, 1])  # users 0 and 2, 1 and 4 have identical semantic sets
     assert bimi.alignment_loss(v, s, mask, 0.1, group).item() == \
         pytest.approx(loop_alignment(v, s, mask, 0.1, group.tolist()), rel=1e-4)
@@ -69,8 +70,9 @@ def test_prediction_loss_matches_loop():
         if weights[b]:
             z = [max(float(v[b, k] @ p[q]) for k in range(3)) for q in range(7)]
             y = labels[b].tolist()
-            total += sum(-(yq * math.log(1 / (1 + math.exp(-zq))) + (1 - yq) * math.log(1 - 1 / (1 + math.exp(-zq))))
-                         for zq, yq in zip(z, y)) / 7
+            sigmoid = [1 / (1 + math.exp(-zq)) for zq in z]
+            total += sum(-(yq * math.log(pq) + (1 - yq) * math.log(1 - pq))
+                         for pq, yq in zip(sigmoid, y)) / 7
     assert bimi.prediction_loss(v, p, labels, weights).item() == pytest.approx(total / 4, rel=1e-5)
 
 
@@ -83,8 +85,9 @@ def test_gradients_reach_the_encoder_through_both_losses(model_name):
     hist = torch.tensor([[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 0, 0], [8, 9, 0, 0, 0, 0]])
     interests = model(hist)[0]
     semantic = torch.randn(3, 2, 5)
-    for loss in (bimi.alignment_loss(interests, head(semantic), torch.ones(3, 2, dtype=torch.bool), 0.1),
-                 bimi.prediction_loss(interests, head(torch.randn(4, 5)), torch.rand(3, 4), torch.ones(3))):
+    align = bimi.alignment_loss(interests, head(semantic), torch.ones(3, 2, dtype=torch.bool), 0.1)
+    pred = bimi.prediction_loss(interests, head(torch.randn(4, 5)), torch.rand(3, 4), torch.ones(3))
+    for loss in (align, pred):
         model.zero_grad()
         loss.backward(retain_graph=True)
         assert model.items.weight.grad[1:10].abs().sum(1).min() > 0
@@ -92,7 +95,8 @@ def test_gradients_reach_the_encoder_through_both_losses(model_name):
 
 
 def small_cfg(synthetic_dir, tmp_path, **kw):
-    return bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"), max_epochs=2, **kw)
+    return bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"),
+                       max_epochs=2, **kw)
 
 
 def test_zero_lambdas_reproduce_the_backbone_exactly(synthetic_dir, tmp_path):
@@ -104,8 +108,8 @@ def test_zero_lambdas_reproduce_the_backbone_exactly(synthetic_dir, tmp_path):
     record = json.load(open(os.path.join(out, "metrics.json")))
     assert record["test"] == backbone["test"] and record["valid"] == backbone["valid"]
     # and with the default weights the auxiliary tasks do change training
-    changed = json.load(open(os.path.join(bimi.train(dataclasses.replace(eimf, lambda_align=0.1, lambda_pred=0.5),
-                                                     ecfg), "metrics.json")))
+    weighted = dataclasses.replace(eimf, lambda_align=0.1, lambda_pred=0.5)
+    changed = json.load(open(os.path.join(bimi.train(weighted, ecfg), "metrics.json")))
     assert changed["valid"] != backbone["valid"]
     # the evaluated model holds the encoder only; the head lives beside it
     state = torch.load(os.path.join(out, "model.pt"), weights_only=True)
@@ -146,18 +150,20 @@ def test_reproduce_demo_end_to_end_and_second_call_reuses_everything(tmp_path):
     rows = [r["row"] for r in result["rows"]]
     first = [row[0] for row in bimi.table_rows("categories", bimi.MODELS, True)]
     assert [row for row in rows if row in first] == first
-    gains = {r["model"]: r["gain_pct"] for r in result["rows"] if r["row"] == r["model"] + " + EIMF"}
+    gains = {r["model"]: r["gain_pct"] for r in result["rows"]
+             if r["row"] == r["model"] + " + EIMF"}
     for row in set(rows) - set(first):  # a control is added for a gain that excludes zero
         assert row.endswith(", shuffled semantics") and any(
             g["ci95"][0] > 0 or g["ci95"][1] < 0 for g in gains[row.split(" + ")[0]].values())
     assert len(result["meta"]["code_versions"]) == 1
-    tests = {r["row"]: [json.load(open(os.path.join(tmp_path, run, "metrics.json")))["test"] for run in r["runs"]]
-             for r in result["rows"]}
+    tests = {r["row"]: [json.load(open(os.path.join(tmp_path, run, "metrics.json")))["test"]
+                        for run in r["runs"]] for r in result["rows"]}
     for r in result["rows"]:
         assert len(tests[r["row"]]) == 2 and tests[r["row"]][0]["recall@20"] > 0
         for metric, (mean, std) in r["mean_std"].items():  # mean and sample std, by hand
             a, b = (t[metric] for t in tests[r["row"]])
-            assert mean == pytest.approx((a + b) / 2) and std == pytest.approx(abs(a - b) / 2 ** 0.5)
+            assert mean == pytest.approx((a + b) / 2)
+            assert std == pytest.approx(abs(a - b) / 2 ** 0.5)
     backbone = {r["model"]: r for r in result["rows"] if not r["eimf"]}
     for r in result["rows"]:
         if r["eimf"]:
@@ -184,11 +190,13 @@ def test_reproduce_sh_runs_a_users_own_dataset_by_name(own_dataset, tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "typical users are 33 % of the 60 training users" in run.stdout
-    table = (tmp_path / "results" / "ml-ablations=0-clusters=5-max_epochs=1-models=comirec-sa-seeds=1.md").read_text()
+    name = "ml-ablations=0-clusters=5-max_epochs=1-models=comirec-sa-seeds=1"
+    table = (tmp_path / "results" / f"{name}.md").read_text()
     assert "| comirec-sa + EIMF |" in table and "bash reproduce.sh ml --data_dir" in table
 
 
-T_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 5: 2.5706, 10: 2.2281, 30: 2.0423, math.inf: 1.9600}  # textbook table
+# textbook table
+T_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 5: 2.5706, 10: 2.2281, 30: 2.0423, math.inf: 1.9600}
 
 
 def slow_t_quantile(p, df):
@@ -215,7 +223,8 @@ def slow_gain_interval(backbone, eimf):
     gain = sum(diff) / U / mean_base
     resid = [d - gain * b for d, b in zip(diff, base)]
     var_users = sum((r - sum(resid) / U) ** 2 for r in resid) / (U - 1) / U / mean_base ** 2
-    per_seed = [sum(eimf[s][u] - backbone[s][u] for u in range(U)) / sum(backbone[s]) for s in range(S)]
+    per_seed = [sum(eimf[s][u] - backbone[s][u] for u in range(U)) / sum(backbone[s])
+                for s in range(S)]
     var_seeds = sum((g - sum(per_seed) / S) ** 2 for g in per_seed) / (S - 1) / S
     df = (var_users + var_seeds) ** 2 / (var_seeds ** 2 / (S - 1))
     half = slow_t_quantile(0.975, df) * math.sqrt(var_users + var_seeds)
@@ -233,16 +242,19 @@ def test_gain_interval_matches_slow_reference_and_the_user_bootstrap():
     rng = np.random.default_rng(3)
     backbone = (rng.random((3, 400)) < 0.1).astype(float)          # loo: a user's recall is 0 or 1
     eimf = np.where(rng.random((3, 400)) < 0.05, 1 - backbone, backbone)
-    fast, slow = bimi.gain_interval(backbone, eimf), slow_gain_interval(backbone.tolist(), eimf.tolist())
+    fast = bimi.gain_interval(backbone, eimf)
+    slow = slow_gain_interval(backbone.tolist(), eimf.tolist())
     assert np.allclose(fast, slow, rtol=1e-6) and fast[1] < fast[0] < fast[2]
     assert bimi.gain_interval(backbone, backbone.copy()) == (0.0, 0.0, 0.0)
     # with one seed (no seeds' share) the half-width is 1.96 x the sd of a user bootstrap
     one = (rng.random((1, 5000)) < 0.1).astype(float)
     two = np.where(rng.random((1, 5000)) < 0.05, 1 - one, one)
-    gains = [two[0, i].sum() / one[0, i].sum() - 1 for i in rng.integers(0, 5000, size=(2000, 5000))]
+    gains = [two[0, i].sum() / one[0, i].sum() - 1
+             for i in rng.integers(0, 5000, size=(2000, 5000))]
     _, low, high = bimi.gain_interval(one, two)
     assert (high - low) / 2 == pytest.approx(100 * 1.96 * np.std(gains), rel=0.05)
-    # runs save float32 per-user metrics: the result is still plain floats (JSON), to float64 precision
+    # runs save float32 per-user metrics: the result is still plain floats (JSON), to float64
+    # precision
     single = bimi.gain_interval(backbone.astype(np.float32), eimf.astype(np.float32))
     assert json.loads(json.dumps(single)) == pytest.approx(list(fast), rel=1e-12)
 
@@ -260,7 +272,8 @@ def test_gain_interval_covers_95_percent_at_beautys_seed_spread():
         eimf = (rng.random((seeds, users)) < p * (1 + gain) * quality[1]).astype(np.float32)
         _, low, high = bimi.gain_interval(backbone, eimf)
         covered += low <= 100 * gain <= high
-        g, low, high = bimi.gain_interval(backbone.mean(0, keepdims=True), eimf.mean(0, keepdims=True))
+        g, low, high = bimi.gain_interval(backbone.mean(0, keepdims=True),
+                                          eimf.mean(0, keepdims=True))
         users_only += low <= 100 * gain <= high
     print(f"coverage: {covered / 300:.3f} (users and seeds), {users_only / 300:.3f} (users only)")
     assert 0.91 <= covered / 300 <= 0.98 and users_only / 300 < 0.8

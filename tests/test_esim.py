@@ -24,7 +24,8 @@ def naive_lloyd(x, centroids, iters):
     """Textbook Lloyd with Python loops (no empty clusters in the data it is given)."""
     x, c = x.tolist(), centroids.tolist()
     for _ in range(iters):
-        assign = [min(range(len(c)), key=lambda k: sum((a - b) ** 2 for a, b in zip(p, c[k]))) for p in x]
+        distance = lambda p, k: sum((a - b) ** 2 for a, b in zip(p, c[k]))
+        assign = [min(range(len(c)), key=lambda k: distance(p, k)) for p in x]
         for k in range(len(c)):
             members = [p for p, a in zip(x, assign) if a == k]
             c[k] = [sum(col) / len(members) for col in zip(*members)]
@@ -49,7 +50,8 @@ def test_lloyd_matches_naive_loop_from_same_seeding():
 
 def test_inertia_never_increases_and_empty_clusters_are_reseeded():
     x = blobs(n=200, k=5, seed=1)
-    init = torch.cat([x[:4], torch.full((1, 3), 1000.0)])  # the last centroid is far from every point
+    # the last centroid is far from every point
+    init = torch.cat([x[:4], torch.full((1, 3), 1000.0)])
     centroids, assign, _, history = bimi.lloyd(x, init, max_iter=50)
     assert all(b <= a + 1e-3 for a, b in zip(history, history[1:]))
     assert len(set(assign.tolist())) == 5  # the empty cluster came back to life
@@ -122,15 +124,17 @@ def test_parse_interests_tolerates_prose_and_rejects_bad_shapes():
 
 
 def test_category_interests_and_hash_embedding():
-    data = bimi.Dataset("t", [], ["", "a", "b", "c"], [[], [["B", "Nails"]], [["B", "Eyes"]], [["B", "Nails"], ["B", "Lips"]]])
+    data = bimi.Dataset("t", [], ["", "a", "b", "c"],
+                        [[], [["B", "Nails"]], [["B", "Eyes"]], [["B", "Nails"], ["B", "Lips"]]])
     # Nails twice; Eyes and Lips once each, Lips more recent
-    assert bimi.category_interests(data, np.array([1, 2, 3]), 2) == [("Nails", "B > Nails"), ("Lips", "B > Lips")]
+    assert bimi.category_interests(data, np.array([1, 2, 3]), 2) == \
+        [("Nails", "B > Nails"), ("Lips", "B > Lips")]
     v = bimi.hash_embed(["nail polish red", "nail polish red", "hiking boots"], 64)
     assert np.allclose(v[0], v[1]) and np.allclose(np.linalg.norm(v, axis=1), 1)
     assert abs(v[0] @ v[2]) < 0.5
 
 
-# ----------------------------------------------------------------------------- client against a real server
+# --------------------------------------------------------------------- client against a real server
 
 
 @pytest.fixture
@@ -148,12 +152,13 @@ def server4():
 
 
 def client_for(server, tmp_path, **kw):
-    ecfg = bimi.EsimConfig(base_url=server.url, cache_dir=str(tmp_path / "cache"), retry_wait=0.01, timeout=1.0,
-                           max_retries=3, **kw)
+    ecfg = bimi.EsimConfig(base_url=server.url, cache_dir=str(tmp_path / "cache"), retry_wait=0.01,
+                           timeout=1.0, max_retries=3, **kw)
     return bimi.LLMClient(ecfg, log=lambda m: None)
 
 
-MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "1. Lipstick [Beauty > Lips]"}]
+MESSAGES = [{"role": "system", "content": "s"},
+            {"role": "user", "content": "1. Lipstick [Beauty > Lips]"}]
 
 
 @pytest.mark.parametrize("behaviour", ["429", "500", "drop"])
@@ -172,18 +177,21 @@ def test_retries_are_bounded(server, tmp_path):
     assert len(server.log) == 4
 
 
-@pytest.mark.parametrize("behaviour, needle", [("401", "Incorrect API key"), ("404", "does not exist")])
+@pytest.mark.parametrize("behaviour, needle", [("401", "Incorrect API key"),
+                                               ("404", "does not exist")])
 def test_client_errors_stop_at_once_naming_endpoint_and_model(server, tmp_path, behaviour, needle):
     server.script = [behaviour]
     with pytest.raises(bimi.LLMError) as err:
         client_for(server, tmp_path, chat_model="my-model").chat(MESSAGES)
     text = str(err.value)
-    assert needle in text and "my-model" in text and server.url in text and f"HTTP {behaviour}" in text
+    assert needle in text and "my-model" in text
+    assert server.url in text and f"HTTP {behaviour}" in text
     assert len(server.log) == 1
 
 
 def test_prose_wrong_count_repair_and_failure(server, tmp_path):
-    data = bimi.Dataset("t", [], ["", "Red Lipstick", ""], [[], [["Beauty", "Lips"]], [["Beauty", "Nails"]]])
+    data = bimi.Dataset("t", [], ["", "Red Lipstick", ""],
+                        [[], [["Beauty", "Lips"]], [["Beauty", "Nails"]]])
     client = client_for(server, tmp_path)
     server.script = ["prose"]
     assert len(bimi.llm_interests(client, data, np.array([1, 2]), 3, 20)) == 3
@@ -197,7 +205,8 @@ def test_prose_wrong_count_repair_and_failure(server, tmp_path):
     assert len(server.log) == 5
 
 
-def test_cache_makes_second_call_free_and_never_stores_the_key(server, tmp_path, monkeypatch, capsys):
+def test_cache_makes_second_call_free_and_never_stores_the_key(server, tmp_path, monkeypatch,
+                                                               capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-123")
     client = client_for(server, tmp_path)
     first = client.chat(MESSAGES), client.embed(["a", "b", "c"])
@@ -218,13 +227,14 @@ def test_embeddings_are_batched(server, tmp_path):
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1)
 
 
-# ----------------------------------------------------------------------------- ESIM end to end on synthetic
+# --------------------------------------------------------------------- ESIM end to end on synthetic
 
 
 def esim_configs(synthetic_dir, tmp_path, server=None, **esim):
-    cfg = bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"), max_epochs=2)
-    ecfg = bimi.EsimConfig(clusters=10, per_cluster=4, prototypes=8, cache_dir=str(tmp_path / "cache"),
-                           retry_wait=0.01, **esim)
+    cfg = bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"),
+                      max_epochs=2)
+    ecfg = bimi.EsimConfig(clusters=10, per_cluster=4, prototypes=8,
+                           cache_dir=str(tmp_path / "cache"), retry_wait=0.01, **esim)
     if server:
         ecfg = dataclasses.replace(ecfg, backend="llm", embedder="api", base_url=server.url)
     return cfg, ecfg
@@ -257,10 +267,12 @@ def test_shuffled_control_keeps_every_statistic_and_cuts_the_link(synthetic_dir,
     assert "shuffle" not in bimi.identity(ecfg)  # at its default: finished runs keep their folder
     assert bimi.identity(dataclasses.replace(ecfg, shuffle=True))["shuffle"] is True
     real = np.load(os.path.join(bimi.run_esim(cfg, ecfg), "esim.npz"))
-    shuf = np.load(os.path.join(bimi.run_esim(cfg, dataclasses.replace(ecfg, shuffle=True)), "esim.npz"))
+    shuffled = dataclasses.replace(ecfg, shuffle=True)
+    shuf = np.load(os.path.join(bimi.run_esim(cfg, shuffled), "esim.npz"))
     for key in ("typical_users", "vectors", "prototypes", "labelled"):
         assert np.array_equal(real[key], shuf[key])
-    rows = lambda z: [z["semantic"][n].tobytes() + z["semantic_mask"][n].tobytes() for n in range(len(z["semantic"]))]
+    rows = lambda z: [z["semantic"][n].tobytes() + z["semantic_mask"][n].tobytes()
+                      for n in range(len(z["semantic"]))]
     r, s = rows(real), rows(shuf)
     assert sorted(r) == sorted(s)  # the same interest sets, each moved to another typical user
     assert sum(a == b for a, b in zip(r, s)) <= sum(r.count(x) > 1 for x in r)  # only twins stay
@@ -276,8 +288,9 @@ def test_shuffled_control_keeps_every_statistic_and_cuts_the_link(synthetic_dir,
 
 
 LANGUAGES = {  # 8 interests each, as an LLM asked in that language would name them
-    "en": ["Nail polish: gel colours", "Skin care: serums", "Perfume: floral scents", "Hair: sprays",
-           "Lipstick: matte shades", "Shaving: razors", "Sun care: sunscreen", "Bath: bath bombs"],
+    "en": ["Nail polish: gel colours", "Skin care: serums", "Perfume: floral scents",
+           "Hair: sprays", "Lipstick: matte shades", "Shaving: razors", "Sun care: sunscreen",
+           "Bath: bath bombs"],
     "fr": ["Vernis à ongles: aime les vernis colorés", "Soins: sérums", "Parfum: notes florales",
            "Coiffure: laques", "Rouge à lèvres: teintes mates", "Rasage: rasoirs",
            "Solaire: crèmes", "Bain: bombes de bain"],
@@ -296,7 +309,8 @@ def test_hash_embedding_reads_every_script(lang, capsys):
     prototypes, labels, _ = bimi.semantic_labels(vectors, np.repeat(np.arange(8), 4), np.arange(8),
                                                  8, 8, 1, 2)
     assert len(prototypes) == 8 and len(np.unique(labels, axis=0)) == 8
-    assert "colorés" in bimi.words(LANGUAGES["fr"][0]) and bimi.words("Men's 2in1") == ["men", "s", "2in1"]
+    assert "colorés" in bimi.words(LANGUAGES["fr"][0])
+    assert bimi.words("Men's 2in1") == ["men", "s", "2in1"]
 
 
 def test_an_esim_whose_texts_embed_to_nothing_is_refused(synthetic_dir, tmp_path):
@@ -310,7 +324,8 @@ def test_an_esim_whose_texts_embed_to_nothing_is_refused(synthetic_dir, tmp_path
         bimi.run_esim(dataclasses.replace(cfg, max_epochs=1), ecfg)
 
 
-def test_esim_llm_request_counts_cache_and_no_leakage(synthetic_dir, tmp_path, server4, monkeypatch, capsys):
+def test_esim_llm_request_counts_cache_and_no_leakage(synthetic_dir, tmp_path, server4, monkeypatch,
+                                                      capsys):
     server = server4
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-456")
     cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
@@ -327,8 +342,8 @@ def test_esim_llm_request_counts_cache_and_no_leakage(synthetic_dir, tmp_path, s
     for r in chats:
         u = prompts[json.dumps(r["body"]["messages"])]
         train_texts = {bimi.item_text(data, int(i)) for i in split.train_seqs[u][-20:]}
-        listed = [line.split(". ", 1)[1] for line in r["body"]["messages"][1]["content"].splitlines()
-                  if line[:1].isdigit()]
+        prompt = r["body"]["messages"][1]["content"]
+        listed = [line.split(". ", 1)[1] for line in prompt.splitlines() if line[:1].isdigit()]
         assert set(listed) == train_texts
         for held_out in data.sequences[u - 1][-2:]:
             assert bimi.item_text(data, int(held_out)) not in listed or \
@@ -358,7 +373,8 @@ def test_too_many_unparsable_replies_stop_the_run(synthetic_dir, tmp_path, serve
     assert len(failures) > 8
 
 
-def test_max_failed_lets_a_weak_model_finish_without_its_failed_users(synthetic_dir, tmp_path, server4):
+def test_max_failed_lets_a_weak_model_finish_without_its_failed_users(synthetic_dir, tmp_path,
+                                                                      server4):
     server = server4
     cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server, max_failed=0.75)
     server.script = ["wrong_count"] * 24  # a request and its repair each: about 12 users fail
@@ -366,12 +382,14 @@ def test_max_failed_lets_a_weak_model_finish_without_its_failed_users(synthetic_
     summary = json.load(open(os.path.join(out, "summary.json")))
     failed = [json.loads(line)["user"] for line in open(os.path.join(out, "failures.jsonl"))]
     kept = [json.loads(line)["user"] for line in open(os.path.join(out, "interests.jsonl"))]
-    assert summary["failures"] == len(failed) > 0.2 * summary["typical_users"]  # the default would have stopped
+    # the default would have stopped
+    assert summary["failures"] == len(failed) > 0.2 * summary["typical_users"]
     assert summary["parsed"] == len(kept) == summary["typical_users"] - len(failed)
     assert not set(failed) & set(kept)
 
 
-def test_sigkill_mid_run_resumes_without_repeating_finished_requests(synthetic_dir, tmp_path, server4):
+def test_sigkill_mid_run_resumes_without_repeating_finished_requests(synthetic_dir, tmp_path,
+                                                                     server4):
     server = server4
     cfg, ecfg = esim_configs(synthetic_dir, tmp_path, server)
     bimi.train(cfg)  # the backbone the subprocess will read
@@ -379,7 +397,8 @@ def test_sigkill_mid_run_resumes_without_repeating_finished_requests(synthetic_d
     cmd = [sys.executable, os.path.join(ROOT, "bimi.py"), "esim", "--dataset", "synthetic",
            "--data_dir", synthetic_dir, "--out_dir", cfg.out_dir, "--max_epochs", "2",
            "--clusters", "10", "--per_cluster", "4", "--prototypes", "8", "--backend", "llm",
-           "--embedder", "api", "--base_url", server.url, "--cache_dir", ecfg.cache_dir, "--concurrency", "1"]
+           "--embedder", "api", "--base_url", server.url, "--cache_dir", ecfg.cache_dir,
+           "--concurrency", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(server.log) < 6 and time.time() < deadline:

@@ -19,7 +19,8 @@ def base(synthetic_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     data = tmp_path / "data"
     shutil.copytree(synthetic_dir, data)
-    cfg = bimi.Config(dataset="synthetic", data_dir=str(data), out_dir=str(tmp_path / "runs"), eimf="llm")
+    cfg = bimi.Config(dataset="synthetic", data_dir=str(data), out_dir=str(tmp_path / "runs"),
+                      eimf="llm")
     ecfg = bimi.EsimConfig(backend="llm", embedder="api")
     return cfg, ecfg
 
@@ -47,7 +48,8 @@ def test_data_contents_prompts_and_device_are_part_of_the_identity(base, monkeyp
     lines = open(seq).read().splitlines()
     lines[0] = " ".join(lines[0].split()[:-1])  # one interaction fewer
     open(seq, "w").write("\n".join(lines) + "\n")
-    assert folder(cfg, ecfg) != first and bimi.run_dir(bimi.dataclasses.replace(cfg, eimf="")) != backbone
+    assert folder(cfg, ecfg) != first
+    assert bimi.run_dir(bimi.dataclasses.replace(cfg, eimf="")) != backbone
     changed = folder(cfg, ecfg)
     prompts = tmp_path / "prompts"
     shutil.copytree(bimi.PROMPTS, prompts)
@@ -67,13 +69,14 @@ def test_paths_batch_sizes_and_urls_are_not(base, monkeypatch, tmp_path):
     shutil.copytree(cfg.data_dir, moved)
     assert folder(bimi.dataclasses.replace(cfg, data_dir=str(moved)), ecfg) == first
     assert folder(bimi.dataclasses.replace(cfg, eval_batch=64), ecfg) == first
-    assert folder(bimi.dataclasses.replace(cfg, rlambda=3.0), ecfg) == first  # REMI's weights: remi runs only
+    # REMI's weights: remi runs only
+    assert folder(bimi.dataclasses.replace(cfg, rlambda=3.0), ecfg) == first
     remi = bimi.dataclasses.replace(cfg, model="remi")
     assert folder(bimi.dataclasses.replace(remi, rlambda=3.0), ecfg) != folder(remi, ecfg)
     monkeypatch.setenv("OPENAI_BASE_URL", "http://10.1.2.3:8000/v1")
     assert folder(cfg, ecfg) == first
-    assert folder(cfg, bimi.dataclasses.replace(ecfg, base_url="https://api.example.com/v1", concurrency=1,
-                                                timeout=5.0)) == first
+    assert folder(cfg, bimi.dataclasses.replace(ecfg, base_url="https://api.example.com/v1",
+                                                concurrency=1, timeout=5.0)) == first
     # a categories run does not depend on chat model names at all
     cats = bimi.dataclasses.replace(cfg, eimf="categories")
     plain = folder(cats, bimi.EsimConfig())
@@ -81,17 +84,18 @@ def test_paths_batch_sizes_and_urls_are_not(base, monkeypatch, tmp_path):
     assert folder(cats, bimi.EsimConfig()) == plain
 
 
-def test_saved_configs_hold_resolved_names_and_the_code_version(synthetic_dir, tmp_path, monkeypatch,
-                                                                capsys):
+def test_saved_configs_hold_resolved_names_and_the_code_version(synthetic_dir, tmp_path,
+                                                                monkeypatch, capsys):
     for var in ENV:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("BIMI_EMBED_MODEL", "my-embedder")
-    cfg = bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"), max_epochs=1,
-                      eimf="categories")
+    cfg = bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"),
+                      max_epochs=1, eimf="categories")
     ecfg = bimi.EsimConfig(clusters=10, prototypes=8)
     out = bimi.train(cfg, ecfg)
     saved = json.load(open(os.path.join(out, "config.json")))
-    assert saved["esim"]["embed_model"] == "" and saved["esim"]["chat_model"] == ""  # not used by this backend
+    # not used by this backend
+    assert saved["esim"]["embed_model"] == "" and saved["esim"]["chat_model"] == ""
     assert saved["code"]["bimi_sha256"] == bimi.code_version()["bimi_sha256"]
     assert json.load(open(os.path.join(out, "metrics.json")))["code"] == bimi.code_version()
     esim = json.load(open(os.path.join(saved["esim_dir"], "config.json")))

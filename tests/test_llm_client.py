@@ -1,5 +1,5 @@
 """The LLM client and ESIM against real HTTP servers on 127.0.0.1 that misbehave the way public
-servers do (../shared/cases/real-world: vLLM, Ollama, llama.cpp, LM Studio, hosted gateways).
+servers do (public failure reports: vLLM, Ollama, llama.cpp, LM Studio, hosted gateways).
 One section per kind of problem; each test asserts the exact outcome and the number of requests."""
 import email.utils
 import json
@@ -16,7 +16,8 @@ from fake_llm import ScriptedServer, chat_reply, embeddings_reply
 
 
 def good_answer(names=("Nail polish", "Skin care", "Fragrance", "Hair styling")):
-    return json.dumps({"interests": [{"name": n, "description": f"Buys {n.lower()}."} for n in names]})
+    interests = [{"name": n, "description": f"Buys {n.lower()}."} for n in names]
+    return json.dumps({"interests": interests})
 
 
 @pytest.fixture
@@ -51,12 +52,13 @@ def cache_files(tmp_path):
     return [f for _, _, files in os.walk(tmp_path / "cache") for f in files]
 
 
-# ----------------------------------------------------------------------------- 1. the server's own words
+# ----------------------------------------------------------------------- 1. the server's own words
 
 
 def test_quota_429_is_not_retried_and_says_why(serve, tmp_path, waits):
-    body = {"error": {"message": "You exceeded your current quota, check your plan and billing details.",
-                      "type": "insufficient_quota", "code": "insufficient_quota"}}
+    body = {"error": {"message": "You exceeded your current quota, check your plan and billing "
+                                 "details.", "type": "insufficient_quota",
+                      "code": "insufficient_quota"}}
     s = serve(lambda kind, b, n: (429, body, None))
     with pytest.raises(bimi.LLMError) as e:
         make_client(s.url, tmp_path, chat_model="my-model").chat(HI)
@@ -66,12 +68,15 @@ def test_quota_429_is_not_retried_and_says_why(serve, tmp_path, waits):
 
 
 @pytest.mark.parametrize("error, requests, per_user", [
-    ({"message": "Rate limit exceeded (free-model daily limit)", "code": 429}, 2, None),  # retried, then fine
+    # retried, then fine
+    ({"message": "Rate limit exceeded (free-model daily limit)", "code": 429}, 2, None),
     ({"message": "Provider returned error: bad request", "code": 400}, 1, True),       # this prompt
     ({"message": "Invalid credentials", "code": 401}, 1, False),                          # fatal
 ])
-def test_error_object_inside_200_is_judged_by_its_code(serve, tmp_path, waits, error, requests, per_user):
-    s = serve(lambda kind, b, n: (200, {"error": error}, None) if n == 1 else (200, chat_reply(good_answer()), None))
+def test_error_object_inside_200_is_judged_by_its_code(serve, tmp_path, waits, error, requests,
+                                                       per_user):
+    s = serve(lambda kind, b, n: (200, {"error": error}, None) if n == 1
+              else (200, chat_reply(good_answer()), None))
     client = make_client(s.url, tmp_path)
     if per_user is None:
         assert client.chat(HI) == good_answer()
@@ -87,26 +92,31 @@ def test_404_without_v1_suggests_it(serve, tmp_path, waits):
     with pytest.raises(bimi.LLMError) as e:
         make_client(s.root, tmp_path, chat_model="llama3.2").chat(HI)
     text = str(e.value)
-    assert "404 page not found" in text and f"should end in /v1 (e.g. {s.root}/v1)" in text and "llama3.2" in text
+    assert "404 page not found" in text and "llama3.2" in text
+    assert f"should end in /v1 (e.g. {s.root}/v1)" in text
     assert len(s.log) == 1
 
 
 @pytest.mark.parametrize("status, payload", [
-    (413, "<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"),
+    (413, "<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body>"
+          "</html>"),
     (400, {"error": {"message": "input batch is limited to 10 items", "code": "InvalidParameter"}}),
 ])
 def test_embedding_batch_limits_suggest_embed_batch(serve, tmp_path, waits, status, payload):
-    s = serve(lambda kind, b, n: (status, payload, None) if len(b["input"]) > 10 else (200, embeddings_reply(b["input"]), None))
+    s = serve(lambda kind, b, n: (status, payload, None) if len(b["input"]) > 10
+              else (200, embeddings_reply(b["input"]), None))
     texts = [f"interest {k}" for k in range(30)]
     with pytest.raises(bimi.LLMError) as e:
         make_client(s.url, tmp_path).embed(texts)
-    assert "--embed_batch" in str(e.value) and ("413 Request Entity" in str(e.value) or "limited to 10" in str(e.value))
+    assert "--embed_batch" in str(e.value)
+    assert "413 Request Entity" in str(e.value) or "limited to 10" in str(e.value)
     assert make_client(s.url, tmp_path, embed_batch=10).embed(texts).shape == (30, 16)
 
 
 def test_deterministic_500_stops_after_the_same_answer_twice(serve, tmp_path, waits):
     msg = "input of 992 tokens does not fit; raise the physical batch size (now 512)"
-    s = serve(lambda kind, b, n: (500, {"error": {"code": 500, "message": msg, "type": "server_error"}}, None))
+    error = {"error": {"code": 500, "message": msg, "type": "server_error"}}
+    s = serve(lambda kind, b, n: (500, error, None))
     with pytest.raises(bimi.LLMError) as e:
         make_client(s.url, tmp_path).embed(["x " * 900])
     assert msg in str(e.value) and "--embed_batch" in str(e.value) and len(s.log) == 2
@@ -126,7 +136,8 @@ def test_a_body_that_is_not_json_fails_at_once(serve, tmp_path, waits, content_t
 
 def test_the_key_is_redacted_from_server_words(serve, tmp_path, waits, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-live-SECRET-789")
-    s = serve(lambda kind, b, n: (401, {"error": {"message": "Incorrect API key provided: sk-live-SECRET-789"}}, None))
+    error = {"error": {"message": "Incorrect API key provided: sk-live-SECRET-789"}}
+    s = serve(lambda kind, b, n: (401, error, None))
     with pytest.raises(bimi.LLMError) as e:
         make_client(s.url, tmp_path).chat(HI)
     assert "SECRET" not in str(e.value) and "Incorrect API key provided: ***" in str(e.value)
@@ -161,7 +172,8 @@ def test_retry_after_http_date(serve, tmp_path, waits):
               if n == 1 else (200, chat_reply(good_answer()), None))
     assert make_client(s.url, tmp_path).chat(HI) == good_answer()
     assert len(waits) == 1 and 28 <= waits[0] <= 30
-    assert bimi.retry_after_seconds({"Retry-After": email.utils.formatdate(time.time() - 30, usegmt=True)}) is None
+    past = email.utils.formatdate(time.time() - 30, usegmt=True)
+    assert bimi.retry_after_seconds({"Retry-After": past}) is None
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://[::1/v1"])
@@ -170,12 +182,13 @@ def test_only_llm_errors_escape_the_client(tmp_path, waits, url):
         make_client(url, tmp_path, max_retries=1).chat(HI)
 
 
-# ----------------------------------------------------------------------------- 3. never cache a non-answer
+# --------------------------------------------------------------------- 3. never cache a non-answer
 
 
 NON_ANSWERS = {
-    "content null, cut": {"id": "x", "model": "m", "choices": [{"index": 0, "finish_reason": "length",
-                          "message": {"role": "assistant", "content": None, "reasoning": "Let me see"}}]},
+    "content null, cut": {"id": "x", "model": "m", "choices": [{
+        "index": 0, "finish_reason": "length",
+        "message": {"role": "assistant", "content": None, "reasoning": "Let me see"}}]},
     "empty text, cut": chat_reply("", "length"),
     "content a number": chat_reply(42),
     "no choices": {"id": "x", "object": "chat.completion", "model": "m", "choices": []},
@@ -183,9 +196,11 @@ NON_ANSWERS = {
 
 
 @pytest.mark.parametrize("label", list(NON_ANSWERS))
-def test_a_non_answer_is_not_cached_and_a_fixed_server_is_asked_again(serve, tmp_path, waits, label):
+def test_a_non_answer_is_not_cached_and_a_fixed_server_is_asked_again(serve, tmp_path, waits,
+                                                                      label):
     fixed = {"on": False}
-    s = serve(lambda kind, b, n: (200, chat_reply(good_answer()) if fixed["on"] else NON_ANSWERS[label], None))
+    s = serve(lambda kind, b, n: (
+        200, chat_reply(good_answer()) if fixed["on"] else NON_ANSWERS[label], None))
     with pytest.raises(bimi.LLMError) as e:
         make_client(s.url, tmp_path).chat(HI)
     assert e.value.per_user and cache_files(tmp_path) == []
@@ -238,9 +253,10 @@ FINAL = ("Nail polish", "Skin care", "Fragrance", "Hair styling")
 
 
 @pytest.mark.parametrize("content", [
-    f"<think>\nFirst guess: {good_answer(['Makeup', 'Lips', 'Eyes', 'Nails'])}\nToo coarse.\n</think>\n{good_answer()}",
-    "<think>maybe " + json.dumps({"interests": json.loads(good_answer())["interests"][:3]}) + " needs 4</think>"
-    + good_answer(),
+    f"<think>\nFirst guess: {good_answer(['Makeup', 'Lips', 'Eyes', 'Nails'])}\nToo coarse."
+    f"\n</think>\n{good_answer()}",
+    "<think>maybe " + json.dumps({"interests": json.loads(good_answer())["interests"][:3]})
+    + " needs 4</think>" + good_answer(),
     f"Sure! Here you go:\n```json\n{good_answer()}\n```\nAnything else?",
     [{"type": "text", "text": good_answer()[:20]}, {"type": "text", "text": good_answer()[20:]}],
 ])
@@ -252,7 +268,8 @@ def test_reply_shapes_real_servers_send(serve, tmp_path, waits, content):
 
 @pytest.mark.parametrize("text, needle", [
     ("<think>I should list their interests as " + good_answer(), "inside its <think>"),
-    (json.dumps({"interests": [{"name": "<2 to 5 words>", "description": "<one sentence>"}] * 4}), "placeholder"),
+    (json.dumps({"interests": [{"name": "<2 to 5 words>", "description": "<one sentence>"}] * 4}),
+     "placeholder"),
     (json.dumps({"interests": [{"name": "...", "description": "..."}] * 4}), "placeholder"),
     (good_answer(["Skin care", "Fragrance", "skin care", "Nails"]), "repeats the name"),
 ])
@@ -261,7 +278,7 @@ def test_unusable_answers_are_parse_errors(text, needle):
         bimi.parse_interests(text, 4)
 
 
-# ----------------------------------------------------------------------------- 5. and 11. one user's failure
+# ------------------------------------------------------------------- 5. and 11. one user's failure
 
 
 @pytest.fixture(scope="module")
@@ -288,20 +305,27 @@ def prompt_of(synthetic, user):
 
 
 @pytest.mark.parametrize("refusal", [
-    (400, {"error": {"message": "Prompt blocked by the content management policy.", "code": "content_filter"}}, None),
-    (400, {"error": {"message": "This model's maximum context length is 4096 tokens; your prompt has 5120."}}, None),
+    (400, {"error": {"message": "Prompt blocked by the content management policy.",
+                     "code": "content_filter"}}, None),
+    (400, {"error": {"message": "This model's maximum context length is 4096 tokens; your prompt "
+                                "has 5120."}}, None),
     (200, {"id": "x", "object": "chat.completion", "model": "m", "choices": []}, None),
 ])
-def test_one_refused_prompt_is_one_failed_user_and_a_rerun_asks_only_for_it(serve, tmp_path, waits, synthetic, refusal):
+def test_one_refused_prompt_is_one_failed_user_and_a_rerun_asks_only_for_it(serve, tmp_path, waits,
+                                                                             synthetic, refusal):
     bad = prompt_of(synthetic, 7)
-    s = serve(lambda kind, b, n: refusal if b["messages"][1]["content"] == bad else (200, chat_reply(good_answer()), None))
-    results, failures, written = run_users(synthetic, make_client(s.url, tmp_path, backend="llm"), tmp_path)
-    assert [f["user"] for f in written] == [7] and results[6] is None and sum(r is not None for r in results) == 19
+    s = serve(lambda kind, b, n: refusal if b["messages"][1]["content"] == bad
+              else (200, chat_reply(good_answer()), None))
+    client = make_client(s.url, tmp_path, backend="llm")
+    results, failures, written = run_users(synthetic, client, tmp_path)
+    assert [f["user"] for f in written] == [7] and results[6] is None
+    assert sum(r is not None for r in results) == 19
     assert written[0]["error"].startswith(s.url)
     before = len(s.log)
     again = make_client(s.url, tmp_path, backend="llm")
     run_users(synthetic, again, tmp_path)
-    assert len(s.log) - before == 1 and again.cache_hits == 19  # only the refused user is asked again
+    # only the refused user is asked again
+    assert len(s.log) - before == 1 and again.cache_hits == 19
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])
@@ -321,16 +345,18 @@ def test_more_than_20_percent_failed_stops_early(serve, tmp_path, waits, synthet
 
 def test_a_cut_reply_is_not_quoted_whole_into_the_repair(serve, tmp_path, waits, synthetic):
     long_cut = '{"interests": [{"name": "Nail polish", "description": "' + "very " * 2000
-    s = serve(lambda kind, b, n: (200, chat_reply(long_cut, "length"), None) if len(b["messages"]) == 2
-              else (200, chat_reply(good_answer()), None))
+    s = serve(lambda kind, b, n: (200, chat_reply(long_cut, "length"), None)
+              if len(b["messages"]) == 2 else (200, chat_reply(good_answer()), None))
     data, split = synthetic
-    assert bimi.llm_interests(make_client(s.url, tmp_path), data, split.train_seqs[1], 4, 20) == named(FINAL)
+    client = make_client(s.url, tmp_path)
+    assert bimi.llm_interests(client, data, split.train_seqs[1], 4, 20) == named(FINAL)
     repair = s.log[1][1]["messages"]
     assert len(json.dumps(repair)) < len(json.dumps(s.log[0][1]["messages"])) + 1000
     assert "cut by max_tokens" in repair[-1]["content"]
 
 
-def test_a_timeout_is_not_resent_and_later_requests_go_one_at_a_time(serve, tmp_path, synthetic, monkeypatch):
+def test_a_timeout_is_not_resent_and_later_requests_go_one_at_a_time(serve, tmp_path, synthetic,
+                                                                     monkeypatch):
     in_flight, most = [0], [0]
 
     def reply(kind, b, n):
@@ -358,11 +384,13 @@ def test_model_name_mismatch_is_warned_once(serve, tmp_path, waits):
 def test_structured_output_falls_back_through_the_shapes_and_is_remembered(serve, tmp_path, waits):
     schema = bimi.interests_schema(4)
 
-    def llama_cpp(kind, b, n):  # llama-cpp-python: json_schema -> HTTP 500 with a validation message
+    # llama-cpp-python: json_schema -> HTTP 500 with a validation message
+    def llama_cpp(kind, b, n):
         fmt = b.get("response_format") or {}
         if fmt.get("type") == "json_schema":
-            return 500, {"error": {"message": "1 validation error for CreateChatCompletionRequest\n"
-                                              "response_format: Input should be 'text' or 'json_object'"}}, None
+            return 500, {"error": {"message": "1 validation error for CreateChatCompletionRequest"
+                                              "\nresponse_format: Input should be 'text' or "
+                                              "'json_object'"}}, None
         return 200, chat_reply(good_answer()), None
     s = serve(llama_cpp)
     client = make_client(s.url, tmp_path)
@@ -382,7 +410,7 @@ def test_structured_output_falls_back_through_the_shapes_and_is_remembered(serve
     assert [("response_format" in b) for _, b, _ in s.log] == [True, True, False]
 
 
-# ----------------------------------------------------------------------------- 8. outages pass, replies decode
+# ----------------------------------------------------------------- 8. outages pass, replies decode
 LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 NGINX_503 = "<html><title>503 Service Temporarily Unavailable</title><center>nginx</center></html>"
 
@@ -391,7 +419,8 @@ NGINX_503 = "<html><title>503 Service Temporarily Unavailable</title><center>ngi
                                              (500, {"error": {"message": "model is loading"}})])
 def test_an_outage_that_passes_is_ridden_out_with_backoff(serve, tmp_path, waits, status, payload):
     # the same answer four times, then the model is loaded: no "same 5xx twice" stop
-    s = serve(lambda kind, b, n: (status, payload, None) if n <= 4 else (200, chat_reply(good_answer()), None))
+    s = serve(lambda kind, b, n: (status, payload, None) if n <= 4
+              else (200, chat_reply(good_answer()), None))
     assert make_client(s.url, tmp_path).chat(HI) == good_answer()
     assert len(s.log) == 5 and len(waits) == 4 and waits[3] > waits[0]
 
@@ -409,7 +438,8 @@ def test_a_reply_cut_mid_body_is_retried_then_fails_that_user_only(serve, tmp_pa
 
 def test_json_is_read_as_utf8_whatever_charset_the_header_claims(serve, tmp_path, waits):
     names = ("Crème brûlée", "Rouge à lèvres", "口紅", "Fragrance")
-    answer = json.dumps({"interests": [{"name": n, "description": n} for n in names]}, ensure_ascii=False)
+    answer = json.dumps({"interests": [{"name": n, "description": n} for n in names]},
+                        ensure_ascii=False)
     s = serve(lambda kind, b, n: (200, json.dumps(chat_reply(answer), ensure_ascii=False).encode(),
                                   {"Content-Type": "application/json; charset=iso-8859-1"}))
     client = make_client(s.url, tmp_path)
@@ -424,8 +454,8 @@ def test_base64_embeddings_and_tool_call_answers_are_read(serve, tmp_path, waits
             return 200, {"data": [{"index": i, "embedding": __import__("base64").b64encode(
                 v.tobytes()).decode()} for i, v in enumerate(vectors)]}, None
         call = {"type": "function", "function": {"name": "answer", "arguments": good_answer()}}
-        return 200, {"choices": [{"message": {"role": "assistant", "content": None,
-                                              "tool_calls": [call]}, "finish_reason": "tool_calls"}]}, None
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        return 200, {"choices": [{"message": message, "finish_reason": "tool_calls"}]}, None
     s = serve(reply)
     client = make_client(s.url, tmp_path)
     vectors = client.embed(["a", "b"])
@@ -444,7 +474,7 @@ def test_compression_that_does_not_match_its_header_is_named(serve, tmp_path, wa
         make_client(s.url, tmp_path).chat(HI)
 
 
-# ----------------------------------------------------------------------------- 9. the cache is never the problem
+# --------------------------------------------------------------- 9. the cache is never the problem
 
 
 def test_a_truncated_cache_entry_is_a_miss_and_is_written_again(serve, tmp_path, waits):
@@ -467,13 +497,15 @@ def test_a_cache_that_cannot_be_written_warns_once_and_the_answers_are_used(serv
     assert sum("cannot write the request cache" in m for m in logs) == 1
 
 
-def test_an_embedding_model_that_changed_width_under_its_name_is_one_clear_error(serve, tmp_path, waits):
+def test_an_embedding_model_that_changed_width_under_its_name_is_one_clear_error(serve, tmp_path,
+                                                                                 waits):
     width = [8]
     s = serve(lambda kind, b, n: (200, {"data": [{"index": i, "embedding": [1.0] * width[0]}
                                                  for i in range(len(b["input"]))]}, None))
     make_client(s.url, tmp_path, embed_batch=2).embed(["a", "b"])
     width[0] = 16  # the server now serves another model under the same name
-    with pytest.raises(bimi.LLMError, match=r"changed since answers were cached \(widths \[8, 16\]"):
+    widths = r"changed since answers were cached \(widths \[8, 16\]"
+    with pytest.raises(bimi.LLMError, match=widths):
         make_client(s.url, tmp_path, embed_batch=2).embed(["a", "b", "c"])
     (tmp_path / "cache").rename(tmp_path / "old")
     make_client(s.url, tmp_path, embed_batch=2).embed(["a", "b"])  # a model of the same width next:
@@ -486,19 +518,22 @@ def test_an_embedding_model_that_changed_width_under_its_name_is_one_clear_error
     assert make_client(s.url, tmp_path, embed_batch=2).embed(["c"]).shape == (1, 16)  # not mixed
 
 
-# ----------------------------------------------------------------------------- 6. configuration errors
+# ------------------------------------------------------------------------- 6. configuration errors
 
 
 @pytest.mark.parametrize("env, options, chat, embed, needle", [
-    ({"OPENAI_BASE_URL": "localhost:1234/v1"}, {}, True, False, "OPENAI_BASE_URL is 'localhost:1234/v1': it needs http://"),
+    ({"OPENAI_BASE_URL": "localhost:1234/v1"}, {}, True, False,
+     "OPENAI_BASE_URL is 'localhost:1234/v1': it needs http://"),
     ({}, {"base_url": "127.0.0.1:8000/v1"}, True, False, "--base_url is '127.0.0.1:8000/v1'"),
     ({}, {}, True, False, "OPENAI_BASE_URL is empty"),
-    ({"OPENAI_BASE_URL": "http://h/v1"}, {"chat_model": "  "}, True, False, "--chat_model (or BIMI_CHAT_MODEL) is empty"),
+    ({"OPENAI_BASE_URL": "http://h/v1"}, {"chat_model": "  "}, True, False,
+     "--chat_model (or BIMI_CHAT_MODEL) is empty"),
     ({}, {}, False, True, "an embeddings endpoint (--embedder api)"),
     ({"OPENAI_BASE_URL": "http://h/v1", "OPENAI_EMBED_BASE_URL": "h:8101"}, {}, False, True,
      "OPENAI_EMBED_BASE_URL is 'h:8101'"),
 ])
-def test_configuration_errors_name_the_setting_before_any_request(monkeypatch, env, options, chat, embed, needle):
+def test_configuration_errors_name_the_setting_before_any_request(monkeypatch, env, options, chat,
+                                                                  embed, needle):
     for var in ("OPENAI_BASE_URL", "OPENAI_EMBED_BASE_URL", "BIMI_CHAT_MODEL", "BIMI_EMBED_MODEL"):
         monkeypatch.delenv(var, raising=False)
     for k, v in env.items():
@@ -508,7 +543,7 @@ def test_configuration_errors_name_the_setting_before_any_request(monkeypatch, e
     assert needle in str(e.value) and "e.g." in str(e.value) and "\n" not in str(e.value)
 
 
-# ----------------------------------------------------------------------------- 7. no non-finite number goes further
+# ------------------------------------------------------------ 7. no non-finite number goes further
 
 
 def test_kmeans_rejects_nan_and_caps_clusters_at_distinct_points(capsys):
@@ -524,8 +559,10 @@ def test_kmeans_rejects_nan_and_caps_clusters_at_distinct_points(capsys):
     assert logs == ["warning: 3 distinct points for 8 clusters: using 3 clusters"]
 
 
-def test_a_nan_loss_fails_the_run_and_it_is_never_reused(synthetic_dir, tmp_path, monkeypatch, capsys):
-    cfg = bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"), max_epochs=1)
+def test_a_nan_loss_fails_the_run_and_it_is_never_reused(synthetic_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    cfg = bimi.Config(dataset="synthetic", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"),
+                      max_epochs=1)
     real_step, calls = bimi.training_step, [0]
 
     def step(*args, **kw):  # the real step, whose loss turns NaN at the 3rd call

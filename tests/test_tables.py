@@ -18,7 +18,8 @@ def table_args(data_dir, out_dir, *more):
             "--clusters", "5", *more]
 
 
-def test_plan_prints_every_run_once_and_then_reproduce_makes_none(own_dataset, tmp_path, monkeypatch, capsys):
+def test_plan_prints_every_run_once_and_then_reproduce_makes_none(own_dataset, tmp_path,
+                                                                  monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     bimi.main(table_args(own_dataset, "runs", "--plan"))
@@ -29,8 +30,10 @@ def test_plan_prints_every_run_once_and_then_reproduce_makes_none(own_dataset, t
     commands = [l for l in lines if not l.startswith("#")]
     # the backbone; ESIM and EIMF, real and shuffled-semantics control
     assert [shlex.split(c)[2] for c in commands] == ["train", "esim", "esim", "train", "train"]
-    assert sum("--shuffle" in c for c in commands) == 2 and sum("--eimf categories" in c for c in commands) == 2
-    assert not any("--lambda" in c for c in commands if " esim " in c)  # an ESIM has no EIMF weights
+    assert sum("--shuffle" in c for c in commands) == 2
+    assert sum("--eimf categories" in c for c in commands) == 2
+    # an ESIM has no EIMF weights
+    assert not any("--lambda" in c for c in commands if " esim " in c)
     assert lines[-1].startswith("# once these are finished, --plan again adds")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for c in commands:
@@ -43,7 +46,8 @@ def test_plan_prints_every_run_once_and_then_reproduce_makes_none(own_dataset, t
     assert "comirec-sa, real over shuffled semantics: R@20" in out
 
 
-def test_parallel_workers_give_the_numbers_of_one_process(own_dataset, tmp_path, monkeypatch, capsys):
+def test_parallel_workers_give_the_numbers_of_one_process(own_dataset, tmp_path, monkeypatch,
+                                                          capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     tables = []
@@ -51,7 +55,8 @@ def test_parallel_workers_give_the_numbers_of_one_process(own_dataset, tmp_path,
         bimi.main(table_args(own_dataset, f"runs{jobs}", "--seeds", "2", "--jobs", jobs))
         out = capsys.readouterr().out
         assert ("(2 at once)" in out) == (jobs == "2") and "== EIMF runs: 4 to make" in out
-        tables.append(json.load(open("results/ml-ablations=0-clusters=5-max_epochs=2-models=comirec-sa-seeds=2.json")))
+        name = "ml-ablations=0-clusters=5-max_epochs=2-models=comirec-sa-seeds=2"
+        tables.append(json.load(open(f"results/{name}.json")))
     for parallel, serial in zip(*(t["rows"] for t in tables)):
         assert parallel["row"] == serial["row"] and parallel["tests"] == serial["tests"]
         assert parallel.get("gain_pct") == serial.get("gain_pct")
@@ -59,20 +64,22 @@ def test_parallel_workers_give_the_numbers_of_one_process(own_dataset, tmp_path,
 
 
 def test_tuned_settings_apply_per_dataset_and_backbone_unless_typed(own_dataset, monkeypatch):
-    monkeypatch.setattr(bimi, "TUNED", {("ml", "comirec-sa"): {"lr": 0.003},
-                                        ("*", "comirec-sa"): {"lambda_align": 0.2, "lambda_pred": 1.0},
-                                        ("beauty", "comirec-sa"): {"lr": 0.001}})
+    monkeypatch.setattr(bimi, "TUNED", {
+        ("ml", "comirec-sa"): {"lr": 0.003}, ("beauty", "comirec-sa"): {"lr": 0.001},
+        ("*", "comirec-sa"): {"lambda_align": 0.2, "lambda_pred": 1.0}})
     cfg, ecfg = bimi.Config(dataset="ml", data_dir=own_dataset), bimi.EsimConfig()
     rows = bimi.table_rows("categories", ["comirec-sa"], True)
     runs, stages = bimi.table_runs(cfg, ecfg, rows, 1, given=())
     made = {out: c for jobs in stages.values() for out, (_, c, _) in jobs.items()}
     assert {c.lr for c in made.values()} == {0.003}
     eimf = {label: made[runs[label][0]] for label in runs if "EIMF" in label}
-    assert eimf["comirec-sa + EIMF"].lambda_align == 0.2 and eimf["comirec-sa + EIMF"].lambda_pred == 1.0
+    assert eimf["comirec-sa + EIMF"].lambda_align == 0.2
+    assert eimf["comirec-sa + EIMF"].lambda_pred == 1.0
     assert eimf["comirec-sa + EIMF w/o alignment"].lambda_align == 0.0  # the row's own setting wins
     assert eimf["comirec-sa + EIMF w/o alignment"].lambda_pred == 1.0
     # EIMF weights are not a backbone's identity: its folder is the untuned backbone's
-    assert runs["comirec-sa"][0] == bimi.run_dir(bimi.dataclasses.replace(cfg, model="comirec-sa", lr=0.003))
+    untuned = bimi.dataclasses.replace(cfg, model="comirec-sa", lr=0.003)
+    assert runs["comirec-sa"][0] == bimi.run_dir(untuned)
     runs, stages = bimi.table_runs(cfg, ecfg, rows, 1, given={"lr"})
     assert {c.lr for jobs in stages.values() for _, c, _ in jobs.values()} == {cfg.lr}
 
@@ -84,7 +91,8 @@ def test_a_run_made_with_another_torch_is_reused_with_one_warning(tmp_path, caps
             "status": "done", "code": {**bimi.code_version(), "torch": "1.13.1"}})
         assert bimi.finished(str(tmp_path / f"run{n}"))["status"] == "done"
     out = capsys.readouterr().out
-    assert out.count(f"warning: reusing runs made by other torch (1.13.1 vs {bimi.torch.__version__} now)") == 1
+    warning = f"warning: reusing runs made by other torch (1.13.1 vs {bimi.torch.__version__} now)"
+    assert out.count(warning) == 1
     assert out.count("reusing finished run") == 2
 
 
@@ -99,8 +107,9 @@ def test_an_interrupt_after_the_atomic_replace_stays_an_interrupt(tmp_path, monk
 
 
 def test_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs():
-    line = bimi.error_line(RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: "
-                                        "can't allocate memory: you tried to allocate 4000000000000 bytes."))
+    line = bimi.error_line(RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. "
+                                        "DefaultCPUAllocator: can't allocate memory: you tried to "
+                                        "allocate 4000000000000 bytes."))
     assert line.startswith("error: out of memory (") and "--batch_size" in line
     with pytest.raises(RuntimeError, match="shape mismatch"):
         bimi.error_line(RuntimeError("shape mismatch"))
@@ -109,7 +118,7 @@ def test_out_of_memory_is_one_line_and_other_runtime_errors_are_bugs():
 def test_a_backbone_scoring_zero_gives_no_gain_and_no_warning(recwarn):
     zero, some = np.zeros((2, 50)), np.ones((2, 50))
     assert all(np.isnan(bimi.gain_interval(zero, some)))
-    assert bimi.interval_text(dict(zip(("gain", "ci95"), (np.nan, [np.nan, np.nan])))).startswith("n/a")
+    assert bimi.interval_text({"gain": np.nan, "ci95": [np.nan, np.nan]}).startswith("n/a")
     assert not recwarn.list
 
 
