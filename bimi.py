@@ -22,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import random
 import re
 import resource
@@ -1014,8 +1015,9 @@ def fit(cfg, out, ecfg=None, esim_dir=None):
     sampler = torch.Generator().manual_seed(cfg.seed + 1)  # negatives and typical-user batches
     arrays = [torch.from_numpy(a) for a in (split.train_hist, split.train_target, split.train_user)]
     record = {"status": "running", "epochs": [], "best_epoch": 0, "valid": None, "test": None,
-              "code": code_version(), "made": {"date": time.strftime("%F"), "threads":
-                                               torch.get_num_threads(), "load": os.getloadavg()[0]}}
+              "code": code_version(), "made": {"date": time.strftime("%F"), "cpu": cpu_name(),
+                                               "threads": torch.get_num_threads(),
+                                               "load": os.getloadavg()[0]}}
     best, best_state, bad_epochs = -1.0, None, 0
     log(f"training {cfg.model}{' + EIMF (' + cfg.eimf + ')' if cfg.eimf else ''} on {device}: "
         f"{sum(p.numel() for p in model.parameters()):,} parameters -> {out}")
@@ -1543,6 +1545,15 @@ def resolve_device(name):
         else torch.device(name)
 
 @functools.lru_cache(maxsize=None)
+def cpu_name():
+    """The CPU's model name: a seed's run is exact to the digit on one kind of CPU only."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "an unnamed CPU"
+
 def code_version():
     """The code that makes a run: sha256 of bimi.py (12 hex digits), the torch version, and the
     checkout's git commit when there is one ("+dirty" when bimi.py or prompts/ differ from it)."""
@@ -1913,7 +1924,7 @@ def write_table(cfg, ecfg, opts, name, results, command_line, t0, load0):
     meta = {"dataset": cfg.dataset, "protocol": cfg.protocol, "seeds": seeds,
             "backend": ecfg.backend,
             "chat_model": ecfg.chat_model if ecfg.backend == "llm" else None,
-            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            "machine": f"{os.cpu_count()} cores of {cpu_name()}, torch {torch.__version__}, "
                        + (f"CUDA {torch.cuda.get_device_name()}" if cuda else "CPU"),
             "threads": torch.get_num_threads(), "jobs": opts.jobs,
             "command": command_line, "date": time.strftime("%F"),
@@ -1961,7 +1972,8 @@ def write_table(cfg, ecfg, opts, name, results, command_line, t0, load0):
     made_by = "; ".join(f"bimi.py sha256 {sha} ({', '.join(v)})"
                         for sha, v in meta["code_versions"].items())
     trained = (f"{len(made)} of its {sum(len(r['runs']) for r in results)} runs trained "
-               f"{min(m['date'] for m in made)} to {max(m['date'] for m in made)} with "
+               f"{min(m['date'] for m in made)} to {max(m['date'] for m in made)} "
+               f"on {' / '.join(sorted({m.get('cpu', 'an unrecorded CPU') for m in made}))} with "
                f"{'/'.join(str(t) for t in sorted({m['threads'] for m in made}))} torch threads at "
                f"load {min(m['load'] for m in made):.1f}-{max(m['load'] for m in made):.1f}"
                if made else "the runs' threads and load were not recorded (older code)")
