@@ -1554,6 +1554,7 @@ def cpu_name():
                     return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "an unnamed CPU"
 
+@functools.lru_cache(maxsize=None)
 def code_version():
     """The code that makes a run: sha256 of bimi.py (12 hex digits), the torch version, and the
     checkout's git commit when there is one ("+dirty" when bimi.py or prompts/ differ from it)."""
