@@ -1546,13 +1546,18 @@ def resolve_device(name):
 
 @functools.lru_cache(maxsize=None)
 def cpu_name():
-    """The CPU's model name: a seed's run is exact to the digit on one kind of CPU only."""
+    """The CPU: its model name, family and model, and the vector kernels torch runs on it. A
+    seed's run is exact to the digit on one kind of CPU only (README: Reproducing a table)."""
+    info = {}
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "an unnamed CPU"
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())  # the first CPU's
+    name = info.get("model name") or platform.processor() or platform.machine() or "a CPU"
+    kind = [f"family {info['cpu family']}, model {info['model']}"] * (
+        "cpu family" in info and "model" in info)
+    return f"{name} ({', '.join(kind + [torch.backends.cpu.get_cpu_capability() + ' kernels'])})"
 
 @functools.lru_cache(maxsize=None)
 def code_version():

@@ -193,10 +193,13 @@ def test_reproduce_sh_runs_a_users_own_dataset_by_name(own_dataset, tmp_path):
     name = "ml-ablations=0-clusters=5-max_epochs=1-models=comirec-sa-seeds=1"
     table = (tmp_path / "results" / f"{name}.md").read_text()
     assert "| comirec-sa + EIMF |" in table and "bash reproduce.sh ml --data_dir" in table
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-             if line.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
-    if names:  # the digits hold on one kind of CPU: the footer names it, for the table and runs
-        assert f"cores of {names[0]}, torch" in table and f"on {names[0]} with " in table
+    cpu = {}  # the digits hold on one kind of CPU: the footer names it, for the table and runs
+    for line in open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else ():
+        cpu.setdefault(line.split(":")[0].strip(), line.partition(":")[2].strip())
+    if "cpu family" in cpu:
+        kind = (f"{cpu['model name']} (family {cpu['cpu family']}, model {cpu['model']}, "
+                f"{torch.backends.cpu.get_cpu_capability()} kernels)")
+        assert f"cores of {kind}, torch" in table and f"on {kind} with " in table
 
 
 # textbook table
