@@ -1708,14 +1708,15 @@ def table_rows(backend, models, ablations, controls=("comirec-sa",)):
 
 def table_name(cfg, ecfg, opts, given):
     """A table's file name under results/: the dataset, then each typed option (`given`) that
-    changes the table, as key=value; results/beauty.md is the default table, and no table
-    overwrites another."""
+    changes the table and the LLM's model names, as key=value; results/beauty.md is the default
+    table, and no table overwrites another."""
     models = ",".join(m for m in MODELS if m in opts.models.split(","))
-    now = {**vars(cfg), **vars(ecfg), "seeds": opts.seeds, "models": models,
+    now = {**vars(cfg), **vars(resolve_esim(ecfg)), "seeds": opts.seeds, "models": models,
            "ablations": opts.ablations}
     default = {**vars(Config()), **vars(EsimConfig()), **vars(CommandOptions())}
-    typed = sorted(k for k in given if k in now and k not in NOT_IDENTITY + ("dataset",)
-                   and now[k] != default[k])
+    asked = {k for k in ("chat_model", "embed_model") if now[k]}  # from the environment too
+    typed = sorted(k for k in set(given) | asked if k in now and k not in NOT_IDENTITY
+                   + ("dataset",) and now[k] != default[k])
     return "-".join([cfg.dataset] + [f"{k}={now[k]}".replace("/", "_") for k in typed])
 
 def prepare_data(cfg):
@@ -1812,8 +1813,9 @@ def make_stage(stage, jobs, workers):
         raise SystemExit("\n".join(errors))
 
 def plan_line(command, cfg, ecfg):
-    """The bimi.py command line that makes one run: the options that differ from the defaults,
-    and the folders, absolute (a scheduler may start it anywhere)."""
+    """The bimi.py command line that makes one run: on one thread, as reproduce's workers (the
+    same digits), with the options that differ from the defaults and the folders absolute (a
+    scheduler may start it anywhere)."""
     words = [command]
     for obj, default in ((cfg, Config()), (ecfg, EsimConfig())):
         for key, value in dataclasses.asdict(obj).items() if obj else ():
@@ -1821,8 +1823,8 @@ def plan_line(command, cfg, ecfg):
                 words += [f"--{key}", os.path.abspath(value)]
             elif value != getattr(default, key) and not (command == "train" and key == "backend"):
                 words += [f"--{key}"] + [str(value)] * (not isinstance(value, bool))
-    return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} " \
-        + shlex.join(words)
+    return f"OMP_NUM_THREADS=1 {shlex.quote(sys.executable)} " \
+        f"{shlex.quote(os.path.abspath(__file__))} " + shlex.join(words)
 
 def excludes_zero(gain):
     return gain["ci95"][0] > 0 or gain["ci95"][1] < 0

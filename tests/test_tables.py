@@ -29,21 +29,35 @@ def test_plan_prints_every_run_once_and_then_reproduce_makes_none(own_dataset, t
         ["# backbones", "# ESIMs", "# EIMF runs"]
     commands = [l for l in lines if not l.startswith("#")]
     # the backbone; ESIM and EIMF, real and shuffled-semantics control
-    assert [shlex.split(c)[2] for c in commands] == ["train", "esim", "esim", "train", "train"]
+    assert [shlex.split(c)[3] for c in commands] == ["train", "esim", "esim", "train", "train"]
+    assert all(c.startswith("OMP_NUM_THREADS=1 ") for c in commands)  # one thread, as a worker
     assert sum("--shuffle" in c for c in commands) == 2
     assert sum("--eimf categories" in c for c in commands) == 2
     # an ESIM has no EIMF weights
     assert not any("--lambda" in c for c in commands if " esim " in c)
     assert lines[-1].startswith("# once these are finished, --plan again adds")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     for c in commands:
-        run = subprocess.run(c, shell=True, env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(c, shell=True, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     bimi.main(table_args(own_dataset, "runs", "--jobs", "1"))
     out = capsys.readouterr().out
     for stage, n in (("backbones", 1), ("ESIMs", 2), ("EIMF runs", 2)):
         assert f"== {stage}: 0 to make, {n} finished" in out
     assert "comirec-sa, real over shuffled semantics: R@20" in out
+
+
+def test_llm_tables_of_two_models_have_two_names(monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    cfg, opts = bimi.Config(dataset="beauty"), bimi.CommandOptions(ablations=0)
+    ecfg = bimi.EsimConfig(backend="llm", embedder="api")
+    given = {"backend", "embedder", "ablations"}  # what reproduce.sh types; models come from env
+    names = set()
+    for model in ("smollm2-135m-instruct", "Qwen/Qwen2.5-7B-Instruct"):
+        monkeypatch.setenv("BIMI_CHAT_MODEL", model)
+        names.add(bimi.table_name(cfg, ecfg, opts, given))
+    assert len(names) == 2 and "beauty-ablations=0-backend=llm-chat_model=Qwen_Qwen2.5-7B-" \
+        "Instruct-embed_model=text-embedding-3-small-embedder=api" in names
+    assert bimi.table_name(cfg, bimi.EsimConfig(), opts, {"ablations"}) == "beauty-ablations=0"
 
 
 def test_parallel_workers_give_the_numbers_of_one_process(own_dataset, tmp_path, monkeypatch,
