@@ -1711,10 +1711,12 @@ def table_name(cfg, ecfg, opts, given):
     changes the table and the LLM's model names, as key=value; results/beauty.md is the default
     table, and no table overwrites another."""
     models = ",".join(m for m in MODELS if m in opts.models.split(","))
-    now = {**vars(cfg), **vars(resolve_esim(ecfg)), "seeds": opts.seeds, "models": models,
+    _, _, chat, embed = endpoints(ecfg)  # the model names asked for, from the environment too
+    now = {**vars(cfg), **vars(ecfg), "chat_model": chat * (ecfg.backend == "llm"), "embed_model":
+           embed * (ecfg.embedder == "api"), "seeds": opts.seeds, "models": models,
            "ablations": opts.ablations}
     default = {**vars(Config()), **vars(EsimConfig()), **vars(CommandOptions())}
-    asked = {k for k in ("chat_model", "embed_model") if now[k]}  # from the environment too
+    asked = {k for k in ("chat_model", "embed_model") if now[k]}
     typed = sorted(k for k in set(given) | asked if k in now and k not in NOT_IDENTITY
                    + ("dataset",) and now[k] != default[k])
     return "-".join([cfg.dataset] + [f"{k}={now[k]}".replace("/", "_") for k in typed])
